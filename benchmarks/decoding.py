@@ -1,0 +1,240 @@
+"""Decoding benchmark for the symbol strategy: plain greedy vs copy-constrained decoding.
+
+    python benchmarks/decoding.py --sentences N [--model DIR] [--batch-sentences K] [--threads T]
+
+For N CMeEE sentences (assets/cmeee_dev.json) it builds the 9 per-type symbol prompts and
+decodes them four ways, each in batches of K sentences (9K rows):
+
+(a) plain Hugging Face ``generate``, greedy, unconstrained;
+(b) copy-constrained greedy, one forward pass per token;
+(c) (b) + speculative verification with the rest of the source as the draft;
+(d) (c) + the shared prompt prefix (instruction once per batch, sentence once per
+    sentence) computed once and its KV cache copied to the rows.
+
+``--model DIR`` loads a trained checkpoint (e.g. the tiny model fine-tuned by
+``train-llm``); without it a random tiny character-level Qwen2 is built. A random model
+stops whenever it likes, so for (a) ``min_new_tokens = max_new_tokens`` = the longest
+constrained answer of the batch: plain greedy then produces as many tokens as the
+constrained answers need. With a checkpoint (a) gets ``max_new_tokens = len(prefix) +
+2*len(source) + 8`` and stops at EOS. Passes are counted with a forward pre-hook on the
+model: "calls" are model invocations (a batched call counts once), "row passes" count
+each call once per row in it while that row is unfinished (the
+``GenerationResult.forward_passes`` of the runtime). Torch threads are set explicitly
+(``--threads``, default 1) so numbers do not depend on what else runs on the machine's
+cores. The last line is machine-readable:
+``passes_ratio=<a/d row passes> wall_ratio=<a/d> identical=<b==c==d> aligned=<share>``.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from spacy_medllm.llm.constrained import (  # noqa: E402
+    CopyAutomaton,
+    DecodeStats,
+    as_copy_constraint,
+    count_forward_passes,
+    decode_constrained,
+)
+
+
+def load_model(path):
+    """A trained checkpoint (``path``) or a random tiny char-level Qwen2 built here."""
+    if path:
+        from spacy_medllm.llm.loader import ModelSpec, load_lm
+
+        lm = load_lm(ModelSpec(path=str(path), device="cpu"))
+        return lm.model.eval(), lm.tokenizer, f"checkpoint {path}"
+    from spacy_medllm.llm.tiny import TinyModelConfig, build_char_tokenizer, build_tiny_model, read_corpus_text
+
+    tokenizer = build_char_tokenizer(read_corpus_text(sorted((ROOT / "assets").glob("cmeee_*.json"))))
+    config = TinyModelConfig()
+    model = build_tiny_model(tokenizer, config).eval()
+    n = sum(p.numel() for p in model.parameters())
+    return model, tokenizer, f"random tiny char-level Qwen2 ({n / 1e6:.1f}M parameters, {config})"
+
+
+def build_rows(texts, tokenizer):
+    """Per sentence the 9 symbol prompts (type last), token ids, constraints, parsers."""
+    from spacy_medllm.labels import get_scheme
+    from spacy_medllm.strategies.symbol import SymbolStrategy
+
+    strategy, scheme = SymbolStrategy(), get_scheme("cmeee")
+    rows = []
+    for text in texts:
+        for prompt in strategy.prompts(text, scheme):
+            ids = tokenizer(prompt.chat_text(tokenizer), add_special_tokens=False).input_ids
+            constraint = as_copy_constraint(strategy.copy_constraint(text, prompt))
+            rows.append(dict(text=text, prompt=prompt, ids=ids, constraint=constraint))
+    return strategy, rows
+
+
+def run_constrained(model, tokenizer, rows, eos, batch_rows, **options):
+    stats = DecodeStats()
+    start = time.perf_counter()
+    with count_forward_passes(model) as calls:
+        out = decode_constrained(
+            model,
+            tokenizer,
+            [r["ids"] for r in rows],
+            [r["constraint"] for r in rows],
+            eos_token_ids=eos,
+            batch_size=batch_rows,
+            stats=stats,
+            **options,
+        )
+    seconds = time.perf_counter() - start
+    assert calls[0] == stats.forward_passes
+    return dict(
+        tokens=[o.token_ids for o in out],
+        texts=[o.text for o in out],
+        calls=calls[0],
+        row_passes=sum(o.forward_passes for o in out),
+        generated=stats.generated_tokens,
+        seconds=seconds,
+        accepted=stats.accepted_tokens,
+        drafted=stats.draft_tokens,
+    )
+
+
+def run_plain(model, tokenizer, rows, eos, batch_rows, budgets, forced):
+    """Plain HF greedy ``generate`` per batch (left-padded); ``forced``: min = max tokens."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    texts, calls_total, row_passes, generated, seconds = [], 0, 0, 0, 0.0
+    for lo in range(0, len(rows), batch_rows):
+        chunk = rows[lo : lo + batch_rows]
+        width = max(len(r["ids"]) for r in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for k, r in enumerate(chunk):
+            ids[k, width - len(r["ids"]) :] = torch.tensor(r["ids"])
+            mask[k, width - len(r["ids"]) :] = 1
+        budget = max(budgets[lo : lo + batch_rows])
+        start = time.perf_counter()
+        with torch.inference_mode(), count_forward_passes(model) as calls:
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=budget,
+                min_new_tokens=budget if forced else 0,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
+        seconds += time.perf_counter() - start
+        calls_total += calls[0]
+        for k in range(len(chunk)):
+            new = out[k, width:].tolist()
+            ends = [i for i, t in enumerate(new) if t in eos]
+            n = ends[0] + 1 if ends else len(new)
+            generated += n
+            row_passes += n
+            texts.append(tokenizer.decode(new[: ends[0]] if ends else new, skip_special_tokens=True))
+    return dict(texts=texts, calls=calls_total, row_passes=row_passes, generated=generated, seconds=seconds)
+
+
+def aligned_share(strategy, rows, texts):
+    """Parsed (exactly aligned) mentions over bracket pairs stated in the responses."""
+    stated = found = 0
+    for row, response in zip(rows, texts):
+        result = strategy.parse(row["text"], response, row["prompt"])
+        stated += max(response.count("["), response.count("]"))
+        found += len(result.mentions)
+    return (found / stated if stated else 1.0), stated
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sentences", type=int, default=6, help="CMeEE dev sentences (9 prompts each)")
+    parser.add_argument("--model", default=None, help="trained checkpoint directory (default: random tiny)")
+    parser.add_argument("--batch-sentences", type=int, default=3, help="sentences per batch, all modes")
+    parser.add_argument("--max-draft", type=int, default=64, help="draft tokens per speculative pass")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--max-chars", type=int, default=120, help="skip longer sentences")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer, described = load_model(args.model)
+    data = json.loads((ROOT / "assets" / "cmeee_dev.json").read_text(encoding="utf8"))
+    texts = [d["text"] for d in data if 0 < len(d["text"]) <= args.max_chars][: args.sentences]
+    strategy, rows = build_rows(texts, tokenizer)
+    from spacy_medllm.llm.generation import stop_token_ids
+
+    eos = stop_token_ids(tokenizer, model)
+    batch_rows = 9 * args.batch_sentences
+    n = len(texts)
+    print(f"model: {described}")
+    print(
+        f"torch threads: {torch.get_num_threads()}; {n} sentences ({sum(map(len, texts)) / n:.1f} chars avg), "
+        f"{len(rows)} prompts ({sum(len(r['ids']) for r in rows) / len(rows):.0f} tokens avg), "
+        f"batches of {args.batch_sentences} sentences ({batch_rows} rows), max draft {args.max_draft}"
+    )
+    # Warm-up so that lazy imports and first-call kernel set-up count in no mode.
+    run_constrained(model, tokenizer, rows[:2], eos, batch_rows, speculative=True, share_prefix=True)
+    with torch.inference_mode():
+        model.generate(input_ids=torch.tensor([rows[0]["ids"]]), max_new_tokens=2, do_sample=False, pad_token_id=eos[0])
+
+    results = {}
+    results["b"] = run_constrained(model, tokenizer, rows, eos, batch_rows, speculative=False, share_prefix=False)
+    results["c"] = run_constrained(
+        model, tokenizer, rows, eos, batch_rows, speculative=True, share_prefix=False, max_draft=args.max_draft
+    )
+    results["d"] = run_constrained(
+        model, tokenizer, rows, eos, batch_rows, speculative=True, share_prefix=True, max_draft=args.max_draft
+    )
+    if args.model:
+        budgets = [len(r["constraint"].forced_prefix) + 2 * len(r["text"]) + 8 for r in rows]
+    else:
+        budgets = [len(t) for t in results["b"]["tokens"]]
+    results["a"] = run_plain(model, tokenizer, rows, eos, batch_rows, budgets, forced=not args.model)
+
+    identical = results["b"]["tokens"] == results["c"]["tokens"] == results["d"]["tokens"]
+    for r in results["b"]["texts"], results["c"]["texts"], results["d"]["texts"]:
+        valid = all(
+            CopyAutomaton(row["constraint"]).advance_bytes(CopyAutomaton(row["constraint"]).initial, t.encode("utf8"))
+            for row, t in zip(rows, r)
+        )
+        assert valid, "a constrained answer left the constraint"
+    a = results["a"]
+    names = {
+        "a": "(a) HF generate greedy",
+        "b": "(b) constrained greedy",
+        "c": "(c) + speculative",
+        "d": "(d) + shared prefix",
+    }
+    header = (
+        f"{'mode':<24}{'calls/sent':>11}{'row-pass/sent':>14}{'gen tok/sent':>13}{'s/sent':>8}"
+        f"{'sent/s':>8}{'calls a/x':>10}{'rowpass a/x':>12}{'wall a/x':>9}{'same as b':>10}{'aligned':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    shares = {}
+    for key in "abcd":
+        r = results[key]
+        share, stated = aligned_share(strategy, rows, r["texts"])
+        shares[key] = share
+        same = "-" if key in "ab" else str(r["tokens"] == results["b"]["tokens"]).lower()
+        print(
+            f"{names[key]:<24}{r['calls'] / n:>11.1f}{r['row_passes'] / n:>14.1f}{r['generated'] / n:>13.1f}"
+            f"{r['seconds'] / n:>8.3f}{n / r['seconds']:>8.2f}{a['calls'] / r['calls']:>10.2f}"
+            f"{a['row_passes'] / r['row_passes']:>12.2f}{a['seconds'] / r['seconds']:>9.2f}{same:>10}"
+            f"{share:>9.3f}"
+        )
+    for key in "cd":
+        r = results[key]
+        print(f"{names[key]}: {r['accepted']} of {r['drafted']} draft tokens accepted")
+    d = results["d"]
+    print(
+        f"passes_ratio={a['row_passes'] / d['row_passes']:.2f} wall_ratio={a['seconds'] / d['seconds']:.2f} "
+        f"identical={str(identical).lower()} aligned={shares['d']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The LLM runtime: loading, generation and the embedded tiny model."""

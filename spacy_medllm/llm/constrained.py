@@ -1,0 +1,826 @@
+"""Copy-constrained decoding with speculative verification and shared-prefix KV reuse.
+
+For the symbol strategy the answer is fully known except for where the brackets go: a
+forced prefix (the type line) followed by the source sentence with ``[`` ``]`` inserted.
+Three things follow from that and are implemented here:
+
+- **Constraint.** A small nondeterministic automaton over the UTF-8 *bytes* of the legal
+  answers (so byte-level BPE tokens that split a character or glue ``[`` to text are
+  handled), walked together with a sorted index of the vocabulary's byte strings: the
+  allowed tokens at a step are found by following only the bytes the automaton accepts,
+  never by scanning the vocabulary. The model cannot hallucinate text, loop on brackets or
+  stop early, and every entity aligns.
+- **Speculative verification.** The rest of the answer without further brackets is the
+  draft. It is fed in one forward pass; tokens are accepted while the constrained argmax
+  equals the draft token, the model's choice is taken at the first disagreement. Each token
+  is still the constrained argmax given exactly the tokens before it, so the output is
+  token-for-token the constrained greedy output; only the number of forward passes falls.
+- **Shared prefix.** The per-type prompts of a sentence differ only at the end (the type
+  is last in the template): the common token prefix is run once and its KV cache is copied
+  to every row.
+
+Rows of a batch progress at different speeds, so the KV cache is kept per row with
+explicit position ids and a padding mask; rejected draft positions are masked and then
+dropped by compacting the cache.
+"""
+import bisect
+import json
+import re
+import time
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
+
+__all__ = [
+    "CopyConstraint",
+    "CopyAutomaton",
+    "VocabIndex",
+    "vocab_index",
+    "DecodeStats",
+    "as_copy_constraint",
+    "DecodedRow",
+    "decode_constrained",
+    "generate_constrained",
+    "generate_prompt_lookup",
+    "shared_prefix_groups",
+    "count_forward_passes",
+]
+
+
+@dataclass(frozen=True)
+class CopyConstraint:
+    """The legal answers: ``forced_prefix`` + ``source`` with brackets inserted, then EOS.
+
+    ``max_depth`` bounds nesting, ``max_span_chars`` the number of source characters an
+    open bracket may enclose (64: 0.4% of CMeEE entities are longer than 30 characters,
+    9 of 61,794 longer than 64). ``forbid_double_open`` disallows ``[[`` and ``forbid_empty``
+    ``[]``. Brackets may only be inserted between source characters; a source that itself
+    contains ``[`` or ``]`` is copied literally (the automaton keeps both readings).
+    """
+
+    source: str
+    forced_prefix: str = ""
+    open: str = "["
+    close: str = "]"
+    max_depth: int = 2
+    max_span_chars: int = 64
+    forbid_double_open: bool = True
+    forbid_empty: bool = True
+
+    def __post_init__(self):
+        if not self.open or not self.close or self.open == self.close:
+            raise ValueError(f"open/close must be two different non-empty strings, got {self.open!r}/{self.close!r}")
+        if self.max_depth < 0 or self.max_span_chars < 1:
+            raise ValueError("max_depth must be >= 0 and max_span_chars >= 1")
+
+
+# Automaton state inside the body: (source index, tuple of open positions, brackets emitted
+# since the last copied character, whether the last unit was an open bracket).
+_Body = Tuple[int, Tuple[int, ...], int, bool]
+# A configuration: the body state reached once the pending unit bytes ``rem`` are emitted.
+_Config = Tuple[_Body, bytes]
+Configs = FrozenSet[_Config]
+DONE: Configs = frozenset()  # after EOS nothing is legal
+
+
+class CopyAutomaton:
+    """The byte-level automaton of one :class:`CopyConstraint`.
+
+    A configuration set is the set of readings of the bytes emitted so far (usually one;
+    more when the source contains a bracket character). ``advance`` consumes one byte.
+    """
+
+    def __init__(self, constraint: CopyConstraint):
+        self.constraint = constraint
+        self.chars = [ch.encode("utf-8") for ch in constraint.source]
+        self.open = constraint.open.encode("utf-8")
+        self.close = constraint.close.encode("utf-8")
+        self.n = len(self.chars)
+        self.initial: Configs = frozenset({((0, (), 0, False), constraint.forced_prefix.encode("utf-8"))})
+        self._units: Dict[_Body, List[Tuple[bytes, _Body]]] = {}
+        self.allowed_cache: Dict[Configs, Dict[int, Configs]] = {}
+
+    def units(self, state: _Body) -> List[Tuple[bytes, _Body]]:
+        """The units (copied character, open, close) that may follow ``state``."""
+        cached = self._units.get(state)
+        if cached is not None:
+            return cached
+        c = self.constraint
+        i, opens, brackets, last_open = state
+        out: List[Tuple[bytes, _Body]] = []
+        # An outer open bracket may enclose at most max_span_chars characters.
+        room = not opens or i + 1 - opens[0] <= c.max_span_chars
+        if i < self.n and room:
+            out.append((self.chars[i], (i + 1, opens, 0, False)))
+        # Bracket runs between two characters are bounded, so no answer is infinite.
+        if brackets < 2 * c.max_depth:
+            if (
+                (i < self.n or not c.forbid_empty)
+                and room
+                and len(opens) < c.max_depth
+                and not (c.forbid_double_open and last_open)
+            ):
+                out.append((self.open, (i, opens + (i,), brackets + 1, True)))
+            if opens and (not c.forbid_empty or i > opens[-1]):
+                out.append((self.close, (i, opens[:-1], brackets + 1, False)))
+        self._units[state] = out
+        return out
+
+    def next_bytes(self, configs: Configs) -> List[int]:
+        nxt = set()
+        for state, rem in configs:
+            if rem:
+                nxt.add(rem[0])
+            else:
+                nxt.update(unit[0] for unit, _ in self.units(state))
+        return sorted(nxt)
+
+    def advance(self, configs: Configs, byte: int) -> Configs:
+        out = set()
+        for state, rem in configs:
+            if rem:
+                if rem[0] == byte:
+                    out.add((state, rem[1:]))
+            else:
+                for unit, nxt in self.units(state):
+                    if unit[0] == byte:
+                        out.add((nxt, unit[1:]))
+        return frozenset(out)
+
+    def advance_bytes(self, configs: Configs, data: bytes) -> Configs:
+        for byte in data:
+            configs = self.advance(configs, byte)
+            if not configs:
+                break
+        return configs
+
+    def can_end(self, configs: Configs) -> bool:
+        return any(not rem and state[0] == self.n and not state[1] for state, rem in configs)
+
+    def draft_bytes(self, configs: Configs, max_chars: int) -> Tuple[bytes, bool]:
+        """The rest of the answer assuming no further open bracket, at most ``max_chars``
+        source characters; the flag says whether it reaches the end (EOS may follow)."""
+        if not configs:
+            return b"", False
+        state, rem = min(configs, key=lambda cfg: (len(cfg[0][1]), cfg))
+        i, opens = state[0], state[1]
+        stop = min(self.n, i + max_chars)
+        data = rem + b"".join(self.chars[i:stop])
+        if stop < self.n:
+            return data, False
+        return data + self.close * len(opens), True
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> Dict[str, int]:
+    """Inverse of GPT-2's bytes-to-unicode table used by byte-level BPE vocabularies."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def _decoder_types(tokenizer) -> set:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return set()
+    found = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "type" in node:
+                found.add(node["type"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(json.loads(backend.to_str()).get("decoder"))
+    return found
+
+
+def token_bytes(tokenizer) -> List[Optional[bytes]]:
+    """The byte string each token id stands for; ``None`` for special tokens.
+
+    Byte-level BPE pieces are mapped back through the bytes-to-unicode table (a piece may
+    be part of a UTF-8 character); SentencePiece pieces map ``▁`` to a space and ``<0xNN>``
+    to a byte; anything else is the UTF-8 of the token string.
+    """
+    decoders_ = _decoder_types(tokenizer)
+    byte_level = "ByteLevel" in decoders_
+    metaspace = "Metaspace" in decoders_ or "Replace" in decoders_
+    byte_fallback = "ByteFallback" in decoders_
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special = set(tokenizer.all_special_ids) | {i for i, tok in added.items() if tok.special}
+    table = _byte_decoder()
+    size = len(tokenizer)
+    out: List[Optional[bytes]] = []
+    for tid, tok in enumerate(tokenizer.convert_ids_to_tokens(list(range(size)))):
+        if tok is None or tid in special:
+            out.append(None)
+        elif tid in added:
+            out.append(added[tid].content.encode("utf-8") or None)
+        elif byte_level and all(ch in table for ch in tok):
+            out.append(bytes(table[ch] for ch in tok) or None)
+        elif byte_fallback and _BYTE_FALLBACK.match(tok):
+            out.append(bytes([int(tok[3:5], 16)]))
+        else:
+            text = tok.replace("\u2581", " ") if metaspace else tok
+            out.append(text.encode("utf-8") or None)
+    return out
+
+
+class VocabIndex:
+    """Token byte strings sorted, so the tokens starting with a byte prefix are a range.
+
+    Built once per tokenizer (:func:`vocab_index` caches it). Walking the automaton and
+    this index together visits only byte prefixes that are legal continuations.
+    """
+
+    def __init__(self, tokenizer):
+        by_bytes: Dict[bytes, List[int]] = {}
+        for tid, data in enumerate(token_bytes(tokenizer)):
+            if data:
+                by_bytes.setdefault(data, []).append(tid)
+        self.keys: List[bytes] = sorted(by_bytes)
+        self.ids: List[List[int]] = [by_bytes[k] for k in self.keys]
+        self.bytes_of: Dict[int, bytes] = {tid: k for k, ids in zip(self.keys, self.ids) for tid in ids}
+        self.tokenizer_ref = weakref.ref(tokenizer)
+        self.size = len(tokenizer)
+
+    def narrow(self, prefix: bytes, lo: int, hi: int) -> Tuple[int, int]:
+        """The range within [lo, hi) (keys starting with prefix[:-1]) of keys starting with prefix."""
+        lo = bisect.bisect_left(self.keys, prefix, lo, hi)
+        last = prefix[-1]
+        if last < 255:
+            hi = bisect.bisect_left(self.keys, prefix[:-1] + bytes([last + 1]), lo, hi)
+        return lo, hi
+
+    def allowed(self, automaton: CopyAutomaton, configs: Configs) -> Dict[int, Configs]:
+        """Token id -> configuration after it, for every token legal in ``configs``."""
+        result: Dict[int, Configs] = {}
+        stack = [(b"", 0, len(self.keys), configs)]
+        while stack:
+            prefix, lo, hi, cfg = stack.pop()
+            for byte in automaton.next_bytes(cfg):
+                longer = prefix + bytes([byte])
+                lo2, hi2 = self.narrow(longer, lo, hi)
+                if lo2 == hi2:
+                    continue
+                cfg2 = automaton.advance(cfg, byte)
+                if self.keys[lo2] == longer:
+                    for tid in self.ids[lo2]:
+                        result[tid] = cfg2
+                stack.append((longer, lo2, hi2, cfg2))
+        return result
+
+    def longest_match(self, data: bytes) -> List[int]:
+        """Tokenize ``data`` greedily by the longest vocabulary piece (the draft fallback)."""
+        out: List[int] = []
+        pos = 0
+        while pos < len(data):
+            lo, hi, best, end = 0, len(self.keys), None, pos
+            while end < len(data):
+                lo, hi = self.narrow(data[pos : end + 1], lo, hi)
+                if lo == hi:
+                    break
+                end += 1
+                if self.keys[lo] == data[pos:end]:
+                    best = (self.ids[lo][0], end)
+            if best is None:
+                break  # a byte no token covers: the draft stops here
+            out.append(best[0])
+            pos = best[1]
+        return out
+
+
+_INDEXES: Dict[int, VocabIndex] = {}
+MIN_SHARED = 4  # shorter common prefixes are not worth a separate pass
+
+
+def vocab_index(tokenizer) -> VocabIndex:
+    """The cached :class:`VocabIndex` of ``tokenizer`` (rebuilt if the object is gone)."""
+    key = id(tokenizer)
+    index = _INDEXES.get(key)
+    if index is None or index.tokenizer_ref() is not tokenizer or index.size != len(tokenizer):
+        index = _INDEXES[key] = VocabIndex(tokenizer)
+    return index
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@dataclass
+class DecodeStats:
+    """Counters of one decoding call. ``forward_passes`` counts model calls (a batched
+    call is one); ``draft_tokens``/``accepted_tokens`` measure the speculation."""
+
+    forward_passes: int = 0
+    generated_tokens: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    prompt_tokens: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class DecodedRow:
+    """One answer. ``text``: the answer (forced prefix included, EOS excluded);
+    ``token_ids``: generated ids (EOS included when reached); ``logprobs``: the raw
+    log-softmax of each chosen token over the whole vocabulary (as for unconstrained
+    generation; a forced token keeps the probability the model gave it);
+    ``forward_passes``: model calls this row took part in; ``finished``: EOS reached
+    (False when ``max_new_tokens`` cut the answer); ``seconds``: its batch's wall time
+    divided by the rows of the batch."""
+
+    text: str
+    token_ids: List[int]
+    logprobs: List[float]
+    forward_passes: int
+    finished: bool
+    seconds: float = 0.0
+
+
+@dataclass
+class _Row:
+    automaton: CopyAutomaton
+    configs: Configs
+    pending: List[int]
+    max_new: int
+    pos: int = 0
+    out: List[int] = field(default_factory=list)
+    logprobs: List[float] = field(default_factory=list)
+    passes: int = 0
+    done: bool = False
+
+
+class _Batch:
+    """One KV cache for several rows, with a validity mask over its columns.
+
+    Rows advance by different numbers of tokens per pass, so positions are given per row;
+    blocks are right-padded, rejected and padded columns are masked and then dropped."""
+
+    def __init__(self, model, pad_id: int):
+        import torch
+        from transformers import DynamicCache
+
+        self.model = model
+        self.pad_id = pad_id
+        self.cache = DynamicCache(config=model.config)
+        self.mask = torch.zeros((1, 0), dtype=torch.long)
+        self.last_width = 0
+
+    def forward(self, blocks: Sequence[Sequence[int]], starts: Sequence[int]):
+        """One pass on a block of tokens per row (row r's first token at position
+        ``starts[r]``); returns logits [rows, width, vocab]."""
+        import torch
+
+        width = max(1, max(len(b) for b in blocks))
+        ids = torch.full((len(blocks), width), self.pad_id, dtype=torch.long)
+        valid = torch.zeros((len(blocks), width), dtype=torch.long)
+        for r, block in enumerate(blocks):
+            ids[r, : len(block)] = torch.tensor(list(block), dtype=torch.long)
+            valid[r, : len(block)] = 1
+        positions = torch.tensor(list(starts))[:, None] + torch.arange(width)
+        mask = torch.cat([self.mask.expand(len(blocks), -1), valid], dim=1)
+        device = self.model.device
+        out = self.model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.mask = mask
+        self.last_width = width
+        return out.logits
+
+    def keep(self, rows: Sequence[int], kept_new: Sequence[int]) -> None:
+        """Keep batch rows ``rows`` (a repeated index copies a row) and, of the columns of
+        the last pass, the first ``kept_new[k]`` for the k-th kept row; then drop the
+        columns no row needs."""
+        import torch
+
+        mask = self.mask[list(rows)].clone()
+        if not rows:
+            self.mask = mask
+            return
+        for k, n in enumerate(kept_new):
+            mask[k, mask.shape[1] - self.last_width + n :] = 0
+        counts = mask.sum(dim=1)
+        new_len = int(counts.max())
+        # Valid columns first, in order; padding points at column 0 (always a real token).
+        order = torch.argsort(1 - mask, dim=1, stable=True)[:, :new_len]
+        arange = torch.arange(new_len)[None, :]
+        cols = torch.where(arange < counts[:, None], order, torch.zeros_like(order))
+        self.mask = (arange < counts[:, None]).long()
+        _gather_cache(self.cache, torch.tensor(list(rows), dtype=torch.long), cols)
+
+def _gather_cache(cache, rows, cols) -> None:
+    """Select batch ``rows`` and, per row, sequence columns ``cols`` [rows, T'] in place."""
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if keys is None or not hasattr(keys, "gather") or keys.dim() != 4 or getattr(layer, "is_sliding", False):
+            raise NotImplementedError(
+                f"Constrained decoding needs a full-attention dynamic KV cache, got {type(layer).__name__}."
+            )
+        index = cols.to(keys.device)[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+        row_index = rows.to(keys.device)
+        layer.keys = keys[row_index].gather(2, index)
+        layer.values = layer.values[row_index].gather(2, index)
+
+
+def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def shared_prefix_groups(
+    prompts: Sequence[Sequence[int]], keys: Sequence
+) -> List[Tuple[List[int], int]]:
+    """Consecutive rows with the same key (the source text: the per-type prompts of one
+    sentence) form a group; returns (row indices, shared token prefix length) per group.
+
+    The shared length stops one token short of each member's prompt, so every row still
+    feeds its own last token and gets its own first logits.
+    """
+    groups: List[Tuple[List[int], int]] = []
+    for r, prompt in enumerate(prompts):
+        if groups and keys[groups[-1][0][0]] == keys[r]:
+            members, shared = groups[-1]
+            groups[-1] = (members + [r], min(shared, _lcp(prompts[members[0]], prompt), len(prompt) - 1))
+        else:
+            groups.append(([r], len(prompt) - 1))
+    return groups
+
+
+def _prefill_shared(batch: "_Batch", prompts, groups, stats: "DecodeStats") -> Tuple[List[int], int]:
+    """Run the shared prompt prefixes and leave one cache row per prompt in ``batch``.
+
+    Two levels: the prefix common to every group (the instruction) once, then each
+    group's own shared part (the sentence) once per group. Returns per row the number of
+    prompt tokens now in the cache, and the number of passes made."""
+    heads = [prompts[members[0]] for members, _ in groups]
+    shared = [n for _, n in groups]
+    top = 0
+    if len(groups) > 1:
+        top = min(min(shared), min(_lcp(heads[0], h) for h in heads[1:]))
+    passes = 0
+    if top >= MIN_SHARED:
+        batch.forward([heads[0][:top]], [0])
+        batch.keep([0] * len(groups), [top] * len(groups))
+        passes += 1
+    else:
+        top = 0
+    segments = [h[top:n] for h, n in zip(heads, shared)]
+    if any(segments):
+        batch.forward(segments, [top] * len(groups))
+        passes += 1
+    order = [g for g, (members, _) in enumerate(groups) for _ in members]
+    batch.keep(order, [len(segments[g]) for g in order])
+    stats.forward_passes += passes
+    return [shared[g] for g in order], passes
+
+
+def _allowed(index: VocabIndex, automaton: CopyAutomaton, configs: Configs, eos_ids) -> Dict[int, Configs]:
+    """Allowed tokens in ``configs`` (EOS once the answer is complete), cached per automaton."""
+    allowed = automaton.allowed_cache.get(configs)
+    if allowed is None:
+        allowed = index.allowed(automaton, configs)
+        if automaton.can_end(configs):
+            allowed.update({eos: DONE for eos in eos_ids})
+        automaton.allowed_cache[configs] = allowed
+    return allowed
+
+
+def _choose(logits_row, allowed: Dict[int, Configs]) -> Tuple[int, float]:
+    """Constrained argmax (ties: lowest id) and its raw log-softmax."""
+    import torch
+
+    ids = sorted(allowed)
+    token = ids[int(torch.argmax(logits_row[torch.tensor(ids)]))] if len(ids) > 1 else ids[0]
+    logits_row = logits_row.double()
+    return token, float(logits_row[token] - torch.logsumexp(logits_row, dim=0))
+
+
+def _draft_tokens(index: VocabIndex, tokenizer, row: _Row, max_draft: int, eos_id: int) -> List[int]:
+    """Tokens of the rest of the answer without further open brackets (the draft).
+
+    Bytes up to the first character boundary (the rest of a split character) are matched
+    by the longest vocabulary piece; the text after is tokenized by the tokenizer itself,
+    as a fine-tuned model was trained to emit it. A tokenization that does not reproduce
+    the bytes (e.g. an added leading space) falls back to longest match.
+    """
+    data, reaches_end = row.automaton.draft_bytes(row.configs, 2 * max_draft)
+    cut = 0
+    while cut < len(data) and (data[cut] & 0xC0) == 0x80:
+        cut += 1
+    draft = index.longest_match(data[:cut]) if cut else []
+    tail_bytes = data[cut:]
+    if tail_bytes:
+        tail = tokenizer.encode(tail_bytes.decode("utf-8", errors="replace"), add_special_tokens=False)
+        if b"".join(index.bytes_of.get(t, b"\0") for t in tail) != tail_bytes:
+            tail = index.longest_match(tail_bytes)
+        draft += tail
+    if reaches_end and len(draft) < max_draft:
+        draft.append(eos_id)
+    return draft[: max(0, min(max_draft, row.max_new - len(row.out) - 1))]
+
+
+def _decode_batch(model, tokenizer, index, prompts, constraints, max_new, eos_ids, pad_id, options, stats):
+    """Decode one batch of rows; returns their ``_Row`` records in order."""
+    speculative, share_prefix, max_draft = options
+    automata = {c: CopyAutomaton(c) for c in set(constraints)}
+    rows = [
+        _Row(automaton=automata[c], configs=automata[c].initial, pending=list(p), max_new=m)
+        for p, c, m in zip(prompts, constraints, max_new)
+    ]
+    batch = _Batch(model, pad_id)
+    groups = shared_prefix_groups(prompts, [c.source for c in constraints]) if share_prefix else []
+    if 0 < len(groups) < len(rows):
+        done, passes = _prefill_shared(batch, prompts, groups, stats)
+        for row, prompt, n in zip(rows, prompts, done):
+            row.pos, row.pending, row.passes = n, list(prompt[n:]), passes
+    batch_rows = list(rows)
+    while batch_rows:
+        drafts = [
+            _draft_tokens(index, tokenizer, row, max_draft, eos_ids[0]) if speculative else []
+            for row in batch_rows
+        ]
+        logits = batch.forward([row.pending + d for row, d in zip(batch_rows, drafts)], [row.pos for row in batch_rows])
+        stats.forward_passes += 1
+        keep_rows, kept_new = [], []
+        for r, (row, draft) in enumerate(zip(batch_rows, drafts)):
+            row.passes += 1
+            stats.draft_tokens += len(draft)
+            base, accepted = len(row.pending) - 1, 0
+            while True:
+                allowed = _allowed(index, row.automaton, row.configs, eos_ids)
+                if not allowed:
+                    raise RuntimeError(
+                        "No token of the vocabulary continues the constrained answer for "
+                        f"{row.automaton.constraint.source!r}: the tokenizer cannot spell it."
+                    )
+                token, logprob = _choose(logits[r, base + accepted], allowed)
+                row.out.append(token)
+                row.logprobs.append(logprob)
+                row.configs = allowed[token]
+                if token in eos_ids or len(row.out) >= row.max_new:
+                    row.done = True
+                    break
+                if accepted < len(draft) and draft[accepted] == token:
+                    accepted += 1  # its keys/values are already in the cache
+                    continue
+                break
+            stats.accepted_tokens += accepted
+            if not row.done:
+                keep_rows.append(r)
+                kept_new.append(len(row.pending) + accepted)
+                row.pos += len(row.pending) + accepted
+                row.pending = [row.out[-1]]
+        batch.keep(keep_rows, kept_new)
+        batch_rows = [batch_rows[r] for r in keep_rows]
+    return rows
+
+
+def _batches(prompts, keys, batch_size: int, share_prefix: bool) -> List[List[int]]:
+    """Row indices per batch; with ``share_prefix`` the rows of one group (same source)
+    are never split (a group larger than ``batch_size`` forms its own batch)."""
+    if share_prefix:
+        units = [members for members, _ in shared_prefix_groups(prompts, keys)]
+    else:
+        units = [[r] for r in range(len(prompts))]
+    batches: List[List[int]] = []
+    for unit in units:
+        if batches and len(batches[-1]) + len(unit) <= batch_size:
+            batches[-1].extend(unit)
+        else:
+            batches.append(list(unit))
+    return batches
+
+
+def decode_constrained(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    constraints: Sequence[CopyConstraint],
+    *,
+    eos_token_ids: Sequence[int],
+    max_new_tokens: Optional[Sequence[int]] = None,
+    speculative: bool = True,
+    share_prefix: bool = True,
+    max_draft: int = 32,
+    batch_size: int = 64,
+    stats: Optional[DecodeStats] = None,
+) -> List[DecodedRow]:
+    """Constrained greedy decoding of ``prompts`` (token ids), one constraint per prompt.
+
+    ``speculative`` feeds the rest of the answer as a draft (at most ``max_draft`` tokens)
+    and keeps exactly what greedy would produce: the output is the same with it off.
+    ``share_prefix`` runs the common prompt prefix of consecutive rows once (keep the rows
+    of one text adjacent). The constraint bounds the answer length by itself;
+    ``max_new_tokens`` (per row, default unbounded) only cuts it.
+    """
+    import torch
+
+    if len(prompts) != len(constraints):
+        raise ValueError(f"{len(prompts)} prompts but {len(constraints)} constraints")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("Every prompt needs at least one token.")
+    if not eos_token_ids:
+        raise ValueError("Constrained decoding needs at least one end token id.")
+    stats = stats if stats is not None else DecodeStats()
+    max_new = list(max_new_tokens) if max_new_tokens is not None else [1 << 30] * len(prompts)
+    index = vocab_index(tokenizer)
+    eos_ids = sorted(set(eos_token_ids))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    results: List[Optional[DecodedRow]] = [None] * len(prompts)
+    todo = [r for r in range(len(prompts)) if max_new[r] > 0]
+    for r in range(len(prompts)):
+        if max_new[r] <= 0:
+            results[r] = DecodedRow(text="", token_ids=[], logprobs=[], forward_passes=0, finished=False)
+    with torch.inference_mode():
+        for batch in _batches([prompts[r] for r in todo], [constraints[r].source for r in todo], batch_size, share_prefix):
+            members = [todo[k] for k in batch]
+            start = time.perf_counter()
+            rows = _decode_batch(
+                model,
+                tokenizer,
+                index,
+                [prompts[r] for r in members],
+                [constraints[r] for r in members],
+                [max_new[r] for r in members],
+                eos_ids,
+                pad_id,
+                (speculative, share_prefix, max_draft),
+                stats,
+            )
+            seconds = time.perf_counter() - start
+            stats.seconds += seconds
+            for r, row in zip(members, rows):
+                data = b"".join(index.bytes_of.get(t, b"") for t in row.out if t not in eos_ids)
+                stats.generated_tokens += len(row.out)
+                stats.prompt_tokens += len(prompts[r])
+                results[r] = DecodedRow(
+                    text=data.decode("utf-8", errors="replace"),
+                    token_ids=row.out,
+                    logprobs=row.logprobs,
+                    forward_passes=row.passes,
+                    finished=bool(row.out) and row.out[-1] in eos_ids,
+                    seconds=seconds / len(rows),
+                )
+    return results  # type: ignore[return-value]
+
+
+def as_copy_constraint(constraint) -> CopyConstraint:
+    """A :class:`CopyConstraint` from one, or from any object with ``source``, ``open``,
+    ``close`` and ``prefix``/``forced_prefix`` (e.g. the symbol strategy's record)."""
+    if isinstance(constraint, CopyConstraint):
+        return constraint
+    prefix = getattr(constraint, "forced_prefix", getattr(constraint, "prefix", None))
+    try:
+        return CopyConstraint(
+            source=constraint.source, forced_prefix=prefix or "", open=constraint.open, close=constraint.close
+        )
+    except AttributeError as err:
+        raise TypeError(
+            f"Cannot decode under constraint {constraint!r}: it needs source, open, close and prefix ({err})."
+        ) from err
+
+
+# --------------------------------------------------------------------------- runtime entries
+
+
+def generate_constrained(
+    lm,
+    requests: Sequence,
+    adapter: Optional[str] = None,
+    batch_size: int = 8,
+    *,
+    speculative: bool = True,
+    share_prefix: bool = True,
+    max_draft: int = 32,
+):
+    """Decode ``GenerationRequest``s that carry a copy constraint; ``GenerationResult``s
+    in request order.
+
+    Called by :class:`~.generation.HFGenerator` for constrained requests. Keep the
+    requests of one text adjacent so their shared prompt prefix is computed once; a
+    group of rows sharing a prefix is kept in one batch even beyond ``batch_size``.
+    ``max_new_tokens`` of a request only cuts an answer (finish reason "length"): the
+    constraint bounds its length anyway.
+    """
+    from .generation import GenerationResult, HFGenerator
+
+    generator = HFGenerator(lm, adapter)
+    prompts = [generator.encode(req) for req in requests]
+    constraints = [as_copy_constraint(req.constraint) for req in requests]
+    with lm.use(adapter) as model:
+        rows = decode_constrained(
+            model,
+            generator.tokenizer,
+            prompts,
+            constraints,
+            eos_token_ids=generator.stop_ids,
+            max_new_tokens=[req.max_new_tokens for req in requests],
+            speculative=speculative,
+            share_prefix=share_prefix,
+            max_draft=max_draft,
+            batch_size=batch_size,
+        )
+    return [
+        GenerationResult(
+            text=row.text,
+            token_ids=row.token_ids,
+            logprobs=row.logprobs,
+            finish_reason="stop" if row.finished else "length",
+            forward_passes=row.forward_passes,
+            generated_tokens=len(row.token_ids),
+            prompt_tokens=len(prompt),
+            seconds=row.seconds,
+        )
+        for row, prompt in zip(rows, prompts)
+    ]
+
+
+def generate_prompt_lookup(lm, requests: Sequence, adapter: Optional[str] = None, num_tokens: int = 10):
+    """Greedy decoding with Hugging Face prompt-lookup decoding (drafts copied from
+    n-grams of the prompt), for strategies whose answers quote the text without a strict
+    copy constraint (JSON, HTML, mark, entity lists). The output equals plain greedy;
+    transformers runs it one request at a time. Returns ``GenerationResult``s."""
+    import torch
+
+    from .generation import GenerationResult, HFGenerator
+
+    generator = HFGenerator(lm, adapter)
+    tokenizer = generator.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else generator.stop_ids[0]
+    results = []
+    with lm.use(adapter) as model, torch.inference_mode(), count_forward_passes(model) as passes:
+        for req in requests:
+            start, before = time.perf_counter(), passes[0]
+            prompt = generator.encode(req)
+            ids = torch.tensor([prompt], device=model.device)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                prompt_lookup_num_tokens=num_tokens,
+                do_sample=False,
+                max_new_tokens=req.max_new_tokens,
+                eos_token_id=generator.stop_ids,
+                pad_token_id=pad_id,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+            new = out.sequences[0, len(prompt) :].tolist()
+            logprobs = [
+                float(torch.log_softmax(step[0].double(), dim=-1)[tok]) for step, tok in zip(out.logits, new)
+            ]
+            stopped = bool(new) and new[-1] in generator.stop_ids
+            results.append(
+                GenerationResult(
+                    text=tokenizer.decode(new[:-1] if stopped else new, skip_special_tokens=True),
+                    token_ids=new,
+                    logprobs=logprobs,
+                    finish_reason="stop" if stopped else "length",
+                    forward_passes=passes[0] - before,
+                    generated_tokens=len(new),
+                    prompt_tokens=len(prompt),
+                    seconds=time.perf_counter() - start,
+                )
+            )
+    return results
+
+
+@contextmanager
+def count_forward_passes(model) -> Iterator[List[int]]:
+    """Count calls of ``model``'s forward (a one-element list, updated in place)."""
+    counter = [0]
+
+    def hook(*_):
+        counter[0] += 1
+
+    handle = model.register_forward_pre_hook(hook)
+    try:
+        yield counter
+    finally:
+        handle.remove()

@@ -1,0 +1,83 @@
+"""The runtime as a spacy-llm model: ``@llm_models = "spacy_medllm.HFCausalLM.v1"``.
+
+spacy-llm's built-in Hugging Face models download named hub models and generate one prompt
+at a time. This one serves spacy-llm's own ``llm`` component from a local directory (the
+tiny model or a user's 7B checkpoint), with an optional LoRA adapter, quantization and
+batched generation across all prompts of a ``nlp.pipe`` batch.
+"""
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from spacy_llm.registry import registry
+
+from .generation import GenerationRequest, HFGenerator
+from .loader import ModelSpec, default_adapter_name, load_lm
+
+
+class HFCausalLM:
+    """A spacy-llm model: an iterable of prompts per doc in, an iterable of responses per doc out.
+
+    A prompt is a string (formatted as one user message with the chat template when ``chat``
+    is on, sent verbatim otherwise) or a list of chat messages.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        adapter: Optional[str] = None,
+        adapter_name: Optional[str] = None,
+        batch_size: int = 8,
+        max_new_tokens: int = 256,
+        chat: bool = True,
+        context_length: Optional[int] = None,
+    ) -> None:
+        self.lm = load_lm(spec)
+        name = None
+        if adapter is not None:
+            name = adapter_name or default_adapter_name(Path(adapter))
+            self.lm.add_adapter(name, adapter)
+        self.generator = HFGenerator(self.lm, name)
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.chat = chat
+        self._context_length = context_length
+
+    @property
+    def context_length(self) -> Optional[int]:
+        """Prompt budget for spacy-llm's sharding: the configured value, else the model's."""
+        if self._context_length is not None:
+            return self._context_length
+        return getattr(self.lm.model.config, "max_position_embeddings", None)
+
+    def __call__(self, prompts: Iterable[Iterable[Any]]) -> Iterable[Iterable[str]]:
+        per_doc = [list(doc_prompts) for doc_prompts in prompts]
+        requests = [
+            GenerationRequest(prompt=p, max_new_tokens=self.max_new_tokens, chat=self.chat)
+            for doc_prompts in per_doc
+            for p in doc_prompts
+        ]
+        texts = iter(r.text for r in self.generator.generate(requests, self.batch_size))
+        return [[next(texts) for _ in doc_prompts] for doc_prompts in per_doc]
+
+
+@registry.llm_models("spacy_medllm.HFCausalLM.v1")
+def make_hf_causal_lm(
+    spec: ModelSpec,
+    adapter: Optional[str] = None,
+    adapter_name: Optional[str] = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    chat: bool = True,
+    context_length: Optional[int] = None,
+) -> HFCausalLM:
+    """A local Hugging Face causal LM (``spec``: ``@misc = "spacy_medllm.ModelSpec.v1"``) with an
+    optional peft adapter directory, for spacy-llm's ``llm`` component."""
+    return HFCausalLM(
+        spec,
+        adapter=adapter,
+        adapter_name=adapter_name,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        chat=chat,
+        context_length=context_length,
+    )

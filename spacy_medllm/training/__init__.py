@@ -1,0 +1,1 @@
+"""Training data, trainers and training-time helpers."""

@@ -1,0 +1,375 @@
+"""Training of the LLM-CLS filter and of its encoder baseline on ``build-cls-data`` records.
+
+The optimisation settings are the SFT trainer's (``spacy_medllm.SFTConfig.v1``: learning
+rate, batch size, gradient accumulation, epochs / max_steps, warmup, weight decay, gradient
+clipping, length buckets, seed, threads, eval_every, log_every, score_key) and so are its
+pieces: the length-bucketed epoch batches, the LoRA settings and the model loading for
+LoRA / QLoRA / full training. Only the step differs (cross-entropy of a 2-way head instead
+of the LM loss). The SFT settings that concern chat records (cutoff_len, overlong,
+negative_ratio, token_weights) and checkpoints (save_every, keep_checkpoints) do not apply:
+the classifier's ``max_length`` cuts context around the candidate, and a run is short.
+
+Three classifiers, chosen by the ``[model]`` block:
+
+- ``spacy_medllm.LLMClassifier.v1``: a local causal LM (Qwen2, Llama, ...), LoRA / QLoRA
+  or full training (the paper's LLM-CLS);
+- ``spacy_medllm.TinyLLMClassifier.v1``: a tiny Qwen2/Llama built from the training
+  texts (character tokenizer of ``llm.tiny``), trained in full; runs on a CPU in minutes;
+- ``spacy_medllm.EncoderClassifier.v1``: a tiny BERT-style encoder of the same kind, with
+  ``[CLS]`` pooling (the paper's BERT-CLS baseline).
+
+Output (``output_dir``): ``model-last/`` and ``model-best/`` (classifier directories, see
+``llm.cls_head``; best by the dev ``score_key``), ``log.jsonl`` (losses and evaluations).
+"""
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import srsly
+from spacy.util import registry
+from wasabi import msg
+
+from ..llm.cls_head import ClassifierSettings, SpanClassifier
+from ..llm.loader import ModelSpec
+from ..llm.tiny import TinyModelConfig, build_char_tokenizer, build_tiny_model
+from .cls_data import ClsRecord
+from .sft import LoraSettings, SFTConfig, SFTModel, load_for_training
+from .sft_data import epoch_batches
+
+ClassifierBuilder = Callable[[Sequence[ClsRecord], Dict[str, str], int], SpanClassifier]
+METRICS = ("acc", "p", "r", "f", "loss")
+# SFT settings without meaning here: a non-default value is reported, not silently ignored
+_NOT_APPLICABLE = ("cutoff_len", "overlong", "negative_ratio", "token_weights", "save_every", "keep_checkpoints")
+# load_for_training insists on a chat template; the classifier never renders a chat
+_NO_CHAT = "{# the LLM-CLS classifier renders no chat #}"
+
+
+# --------------------------------------------------------------------------- classifiers
+
+
+@registry.misc("spacy_medllm.LLMClassifier.v1")
+def make_llm_classifier(
+    base: ModelSpec,
+    method: str = "lora",
+    lora: LoraSettings = LoraSettings(),
+    pooling: str = "marker",
+    max_length: int = 256,
+    separator: str = "\n",
+) -> ClassifierBuilder:
+    """A classifier on the causal LM ``base``; ``method``: ``lora``, ``qlora`` (4-bit
+    base) or ``full``."""
+    sft_model = SFTModel(base=base, method=method, lora=lora, chat_template=_NO_CHAT)
+
+    def build(records: Sequence[ClsRecord], labels: Dict[str, str], seed: int) -> SpanClassifier:
+        model, tokenizer = load_for_training(sft_model, seed)
+        settings = ClassifierSettings(
+            kind="llm",
+            mode="full" if method == "full" else "lora",
+            pooling=pooling,
+            max_length=max_length,
+            separator=separator,
+            labels=dict(labels),
+            base=None if method == "full" else asdict(sft_model.spec),
+        )
+        return SpanClassifier(model, tokenizer, settings)
+
+    return build
+
+
+def _char_tokenizer(records: Sequence[ClsRecord], labels: Dict[str, str]):
+    return build_char_tokenizer("".join(r.text for r in records) + "".join(labels.values()))
+
+
+@registry.misc("spacy_medllm.TinyLLMClassifier.v1")
+def make_tiny_llm_classifier(
+    arch: str = "qwen2",
+    hidden: int = 128,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 256,
+    pooling: str = "marker",
+    max_length: int = 256,
+    separator: str = "\n",
+) -> ClassifierBuilder:
+    """A tiny causal LM (``llm.tiny``) with a character vocabulary of the training texts,
+    trained in full."""
+
+    def build(records: Sequence[ClsRecord], labels: Dict[str, str], seed: int) -> SpanClassifier:
+        tokenizer = _char_tokenizer(records, labels)
+        shape = TinyModelConfig(arch, hidden, layers, heads, kv_heads, intermediate, max_length + 8, seed)
+        model = build_tiny_model(tokenizer, shape)
+        settings = ClassifierSettings("llm", "full", pooling, max_length, separator, dict(labels))
+        return SpanClassifier(model, tokenizer, settings)
+
+    return build
+
+
+@registry.misc("spacy_medllm.EncoderClassifier.v1")
+def make_encoder_classifier(
+    hidden: int = 128,
+    layers: int = 2,
+    heads: int = 4,
+    intermediate: int = 256,
+    pooling: str = "cls",
+    max_length: int = 256,
+    separator: str = "\n",
+    dropout: float = 0.1,
+) -> ClassifierBuilder:
+    """A tiny BERT-style encoder (``BertModel``, no pooler) with a character vocabulary of
+    the training texts plus ``[CLS]``/``[SEP]``, trained in full."""
+
+    def build(records: Sequence[ClsRecord], labels: Dict[str, str], seed: int) -> SpanClassifier:
+        import torch
+        from transformers import BertConfig, BertModel
+
+        tokenizer = _char_tokenizer(records, labels)
+        tokenizer.add_special_tokens({"cls_token": "[CLS]", "sep_token": "[SEP]"})
+        config = BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=intermediate,
+            max_position_embeddings=max_length + 8,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.manual_seed(seed)
+        model = BertModel(config, add_pooling_layer=False)
+        settings = ClassifierSettings("encoder", "full", pooling, max_length, separator, dict(labels))
+        return SpanClassifier(model, tokenizer, settings)
+
+    return build
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate_classifier(
+    classifier: SpanClassifier, records: Sequence[ClsRecord], batch_size: int = 32, threshold: float = 0.5
+) -> Dict[str, Any]:
+    """Accuracy, P/R/F1 of the class "correct", mean cross-entropy, and the accuracy per
+    record kind (gold, shift, type, mined) at ``threshold``."""
+    probs = classifier.predict_proba([(r.text, r.start, r.end, r.label) for r in records], batch_size)
+    tp = fp = fn = right = 0
+    loss = 0.0
+    by_kind: Dict[str, List[int]] = {}
+    for r, p in zip(records, probs):
+        pred = p >= threshold
+        tp += pred and r.is_correct
+        fp += pred and not r.is_correct
+        fn += (not pred) and r.is_correct
+        right += pred == r.is_correct
+        loss -= math.log(max(p if r.is_correct else 1.0 - p, 1e-12))
+        counts = by_kind.setdefault(r.kind, [0, 0])
+        counts[0] += pred == r.is_correct
+        counts[1] += 1
+    n = len(records)
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    return {
+        "acc": right / n if n else 0.0,
+        "p": p,
+        "r": r,
+        "f": 2 * p * r / (p + r) if p + r else 0.0,
+        "loss": loss / n if n else 0.0,
+        "acc_by_kind": {k: c[0] / c[1] for k, c in sorted(by_kind.items())},
+    }
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class ClsTrainResult:
+    output_dir: Path
+    losses: List[float] = field(default_factory=list)
+    evaluations: List[Dict[str, Any]] = field(default_factory=list)
+    best_step: Optional[int] = None
+    best_score: Optional[float] = None
+    seconds: float = 0.0
+    classifier: Optional[SpanClassifier] = None  # as after the last step (model-last)
+
+    @property
+    def model_best(self) -> Path:
+        return self.output_dir / "model-best"
+
+    @property
+    def model_last(self) -> Path:
+        return self.output_dir / "model-last"
+
+
+def train_classifier(
+    build: ClassifierBuilder,
+    train: Sequence[ClsRecord],
+    dev: Sequence[ClsRecord],
+    labels: Dict[str, str],
+    config: SFTConfig,
+    output_dir: Union[str, Path],
+) -> ClsTrainResult:
+    """Build the classifier, train it with cross-entropy, evaluate on ``dev`` after each
+    epoch (and every ``eval_every`` steps), keep ``model-best`` by ``config.score_key``."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import get_cosine_schedule_with_warmup
+
+    start_time = time.perf_counter()
+    if not train:
+        raise ValueError("No training records were given.")
+    if config.score_key not in METRICS:
+        raise ValueError(f"score_key={config.score_key!r}: the classifier reports {METRICS}")
+    defaults = SFTConfig()
+    changed = [f.name for f in fields(SFTConfig) if f.name in _NOT_APPLICABLE and getattr(config, f.name) != getattr(defaults, f.name)]
+    if changed:
+        msg.warn(f"Training settings without effect on the classifier: {', '.join(changed)}")
+    if config.num_threads > 0:
+        torch.set_num_threads(config.num_threads)
+    torch.manual_seed(config.seed)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    classifier = build(train, labels, config.seed)
+    encoded = [classifier.encode(r.text, r.start, r.end, r.label) for r in train]
+    targets = torch.tensor([int(r.is_correct) for r in train], dtype=torch.long)
+    lengths = [len(ids) for ids, _ in encoded]
+
+    def batches_of(epoch: int) -> List[List[int]]:
+        return epoch_batches(
+            lengths, [False] * len(lengths), batch_size=config.batch_size,
+            bucket_batches=config.bucket_batches, negative_ratio=1.0, seed=config.seed, epoch=epoch,
+        )
+
+    n_batches = len(batches_of(0))
+    steps_per_epoch = math.ceil(n_batches / config.grad_accum)
+    total_steps = config.max_steps if config.max_steps > 0 else config.epochs * steps_per_epoch
+    params = classifier.trainable_parameters()
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.learning_rate,
+    )
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(round(config.warmup_ratio * total_steps)), total_steps)
+    msg.info(
+        f"{classifier.settings.kind}/{classifier.settings.mode}: {sum(p.numel() for p in params):,} trainable "
+        f"parameters, {len(train)} records, {steps_per_epoch} steps per epoch, {total_steps} steps"
+    )
+    srsly.write_json(
+        output_dir / "training_meta.json",
+        {"settings": asdict(classifier.settings), "training": asdict(config), "records": len(train),
+         "dev_records": len(dev), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps},
+    )
+    result = ClsTrainResult(output_dir, classifier=classifier)
+    log_file = (output_dir / "log.jsonl").open("w", encoding="utf8")
+
+    def log(entry: Dict[str, Any]) -> None:
+        log_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        log_file.flush()
+
+    def run_evaluation(step: int, epoch: int) -> None:
+        classifier.save(output_dir / "model-last")
+        scores = evaluate_classifier(classifier, dev, config.batch_size * 2) if dev else {}
+        classifier.train()
+        score = scores.get(config.score_key)
+        if config.score_key == "loss" and score is not None:
+            score = -score
+        if not dev or result.best_score is None or score > result.best_score:
+            result.best_score, result.best_step = score, step
+            if (output_dir / "model-best").exists():
+                shutil.rmtree(output_dir / "model-best")
+            shutil.copytree(output_dir / "model-last", output_dir / "model-best")
+        entry = {"step": step, "epoch": epoch, "eval": scores, "best_step": result.best_step}
+        result.evaluations.append(entry)
+        log(entry)
+        if scores:
+            shown = " ".join(f"{k}={scores[k]:.4f}" for k in METRICS)
+            msg.text(f"step {step} epoch {epoch}: dev {shown} {scores['acc_by_kind']}")
+
+    classifier.train()
+    step, epoch, window = 0, 0, []
+    while step < total_steps:
+        batches = batches_of(epoch)
+        groups = [batches[i : i + config.grad_accum] for i in range(0, len(batches), config.grad_accum)]
+        for group in groups:
+            n_group = sum(len(b) for b in group)
+            loss_value = 0.0
+            for batch in group:
+                inputs = classifier.collate([encoded[i] for i in batch])
+                logits = classifier(**inputs)
+                loss = F.cross_entropy(logits, targets[batch].to(logits.device), reduction="sum") / n_group
+                loss.backward()
+                loss_value += float(loss.detach())
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            result.losses.append(loss_value)
+            window.append(loss_value)
+            if step % config.log_every == 0 or step == total_steps:
+                entry = {"step": step, "epoch": epoch, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
+                         "elapsed_s": time.perf_counter() - start_time}
+                log(entry)
+                msg.text(f"step {step}/{total_steps} epoch {epoch} loss {entry['loss']:.4f} lr {entry['lr']:.2e}")
+                window = []
+            if step >= total_steps:
+                break
+            if config.eval_every and step % config.eval_every == 0:
+                run_evaluation(step, epoch)
+        epoch += 1
+        run_evaluation(step, epoch)
+    log_file.close()
+    classifier.eval()
+    result.seconds = time.perf_counter() - start_time
+    return result
+
+
+@registry.readers("spacy_medllm.ClsRecords.v1")
+def make_cls_records(path: str) -> List[ClsRecord]:
+    """The records of a ``build-cls-data`` JSONL file."""
+    from .cls_data import read_cls_records
+
+    return read_cls_records(path)
+
+
+SECTIONS = ("paths", "labels", "corpora", "model", "training")
+
+
+def train_from_config(
+    config_path: Union[str, Path], output_dir: Optional[Union[str, Path]] = None, overrides: Optional[Dict[str, Any]] = None
+) -> ClsTrainResult:
+    """Train as a ``configs/train_cls_*.cfg`` config says (sections ``[paths]``,
+    ``[labels]``, ``[corpora]`` with ``train`` and ``dev``, ``[model]``, ``[training]``);
+    ``output_dir`` falls back to ``[paths] output``. The data is read before the model is
+    built, so a wrong path fails fast."""
+    from spacy.util import load_config
+
+    from .. import labels as _labels  # noqa: F401  (registers spacy_medllm.LabelScheme.v1)
+
+    config = load_config(Path(config_path), overrides=overrides or {}, interpolate=True)
+    missing = [s for s in SECTIONS if s not in config]
+    if missing:
+        raise ValueError(f"{config_path} lacks the section(s) {missing}; start from configs/train_cls_tiny.cfg.")
+    if output_dir is None:
+        if not config["paths"].get("output"):
+            raise ValueError("No output directory: pass --output DIR or set [paths] output.")
+        output_dir = config["paths"]["output"]
+    corpora = registry.resolve({"corpora": config["corpora"]})["corpora"]
+    if not corpora.get("train"):
+        raise ValueError(f"[corpora.train] of {config_path} gave no records.")
+    scheme = registry.resolve({"labels": config["labels"]})["labels"]
+    build = registry.resolve({"model": config["model"]})["model"]
+    training = registry.resolve({"training": config["training"]})["training"]
+    if not isinstance(training, SFTConfig):
+        raise ValueError("[training] must be a spacy_medllm.SFTConfig.v1 block.")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config.to_disk(output_dir / "config.cfg")
+    labels = {info.code: info.name for info in scheme}
+    return train_classifier(build, corpora["train"], corpora.get("dev") or [], labels, training, output_dir)

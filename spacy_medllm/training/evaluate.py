@@ -1,0 +1,217 @@
+"""Dev-set evaluation of a fine-tuned generator, for the trainer's per-epoch callback.
+
+The trainer only needs an :data:`~.sft.Evaluator`: ``evaluate(model_dir) -> dict`` with a
+score under the trainer's ``score_key`` (``"f"`` here). :class:`GenerationEvaluator` is the
+default: it loads the saved model (full weights, or base + adapter), builds the strategy's
+prompts for every dev text, generates greedily (copy-constrained when the strategy offers
+a constraint), parses with the strategy and scores strict micro P/R/F1 on character
+offsets. Once the ``medllm_ner`` / ``medllm_align`` components exist, an evaluator that
+runs the pipeline has the same signature and can replace this one in the config.
+"""
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+
+import srsly
+from spacy.util import registry
+
+from .. import DEFAULT_SPANS_KEY
+from ..labels import LabelScheme, get_scheme
+from ..llm.generation import GenerationRequest, HFGenerator
+from ..llm.loader import LoadedLM, MedLLMLoadError, ModelSpec, clear_cache, load_lm
+from ..scoring import PRF, CharSpan
+from ..strategies.base import Strategy, merge_results
+from ..types import Mention
+from .sft_data import read_gold_texts
+
+ADAPTER_NAME = "sft"
+
+
+@dataclass(frozen=True)
+class DevExample:
+    """A dev text and its gold entities as character spans."""
+
+    text: str
+    gold: frozenset
+    source: str = ""
+
+
+def read_dev_examples(path: Union[str, Path], spans_key: str = DEFAULT_SPANS_KEY, limit: int = 0) -> List[DevExample]:
+    """Dev texts and gold spans from a ``.spacy`` file or a corpus file (see
+    :func:`~.sft_data.read_gold_texts`)."""
+    return [
+        DevExample(g.text, frozenset(CharSpan(m.start, m.end, m.label) for m in g.mentions), g.source)
+        for g in read_gold_texts(path, spans_key, limit)
+    ]
+
+
+def load_trained(model_dir: Union[str, Path], base: Optional[ModelSpec] = None) -> Tuple[LoadedLM, Optional[str]]:
+    """The model saved by the trainer: full weights, or ``base`` (default: the base the
+    adapter names) with the adapter at ``model_dir`` added as ``"sft"``. Returns the
+    loaded model and the adapter name (None for full weights)."""
+    model_dir = Path(model_dir)
+    adapter_config = model_dir / "adapter_config.json"
+    if not adapter_config.exists():
+        spec = ModelSpec(path=str(model_dir)) if base is None else replace(base, path=str(model_dir))
+        return load_lm(spec), None
+    if base is None:
+        base_path = srsly.read_json(adapter_config).get("base_model_name_or_path")
+        if not base_path:
+            raise MedLLMLoadError(f"{adapter_config} names no base model; give the evaluator a base ModelSpec.")
+        base = ModelSpec(path=base_path)
+    lm = load_lm(base)
+    lm.add_adapter(ADAPTER_NAME, str(model_dir))
+    return lm, ADAPTER_NAME
+
+
+def locate(text: str, mention: Mention) -> Optional[Tuple[int, int]]:
+    """Character offsets of a mention: its own, or the occurrence of its text nearest its
+    ``hint`` (stand-in for ``medllm_align`` for strategies that give no offsets)."""
+    if mention.has_offsets:
+        return mention.start, mention.end
+    starts, i = [], text.find(mention.text)
+    while i >= 0:
+        starts.append(i)
+        i = text.find(mention.text, i + 1)
+    if not starts:
+        return None
+    hint = mention.hint if mention.hint is not None else 0
+    start = min(starts, key=lambda s: (abs(s - hint), s))
+    return start, start + len(mention.text)
+
+
+class GenerationEvaluator:
+    """Strict micro P/R/F1 of a saved generator on dev texts (see the module docstring).
+
+    ``constrained``: decode with the strategy's copy constraint when it has one (symbol);
+    ``max_depth`` / ``max_span_chars`` bound the nesting and the characters one bracket
+    may enclose (``llm.constrained.CopyConstraint``).
+    ``base``: how to load the base model of an adapter (e.g. 4-bit for QLoRA); default the
+    base path the adapter names, with default loading settings.
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[DevExample],
+        strategy: Strategy,
+        scheme: LabelScheme,
+        *,
+        constrained: bool = True,
+        batch_size: int = 32,
+        max_new_tokens: int = 0,
+        max_depth: int = 2,
+        max_span_chars: int = 30,
+        base: Optional[ModelSpec] = None,
+    ) -> None:
+        if not examples:
+            raise ValueError("The dev set is empty.")
+        self.examples = list(examples)
+        self.strategy = strategy
+        self.scheme = scheme
+        self.constrained = constrained and hasattr(strategy, "copy_constraint")
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.limits = {"max_depth": max_depth, "max_span_chars": max_span_chars}
+        self.base = base
+
+    def __call__(self, model_dir: Union[str, Path]) -> Dict[str, Any]:
+        start = time.perf_counter()
+        lm, adapter = load_trained(model_dir, self.base)
+        try:
+            predictions, discarded = self.predict(HFGenerator(lm, adapter))
+        finally:
+            clear_cache()  # the next call loads new weights from the same path
+        scores = self.score(predictions)
+        scores["discarded"] = dict(discarded)
+        scores["seconds"] = time.perf_counter() - start
+        return scores
+
+    def predict(self, generator) -> Tuple[List[Set[CharSpan]], Counter]:
+        """Predicted character spans per dev example, and the parser's discard counts."""
+        requests, owners = [], []
+        for i, eg in enumerate(self.examples):
+            for prompt in self.strategy.prompts(eg.text, self.scheme):
+                constraint = self.constraint(eg.text, prompt) if self.constrained else None
+                budget = self.max_new_tokens or 4 * len(eg.text) + 64
+                requests.append(GenerationRequest(prompt.messages(), max_new_tokens=budget, constraint=constraint))
+                owners.append((i, prompt))
+        results = generator.generate(requests, batch_size=self.batch_size)
+        parsed: List[list] = [[] for _ in self.examples]
+        for (i, prompt), result in zip(owners, results):
+            parsed[i].append(self.strategy.parse(self.examples[i].text, result.text, prompt))
+        predictions, discarded = [], Counter()
+        for eg, results_of_text in zip(self.examples, parsed):
+            merged = merge_results(results_of_text)
+            discarded.update(merged.discarded)
+            spans = set()
+            for m in merged.mentions:
+                where = locate(eg.text, m)
+                if where is None:
+                    discarded["unlocated"] += 1
+                else:
+                    spans.add(CharSpan(where[0], where[1], m.label))
+            predictions.append(spans)
+        return predictions, discarded
+
+    def constraint(self, text: str, prompt: Any) -> Any:
+        from ..llm.constrained import as_copy_constraint
+
+        return replace(as_copy_constraint(self.strategy.copy_constraint(text, prompt)), **self.limits)
+
+    def score(self, predictions: Sequence[Set[CharSpan]]) -> Dict[str, Any]:
+        """Strict micro P/R/F1 over (start, end, label) sets, overall and per type."""
+        total, per_type = PRF(), {}
+        for eg, pred in zip(self.examples, predictions):
+            for label in {s.label for s in eg.gold} | {s.label for s in pred}:
+                gold_l = {s for s in eg.gold if s.label == label}
+                pred_l = {s for s in pred if s.label == label}
+                tp = len(gold_l & pred_l)
+                counts = PRF(n_pred=len(pred_l), n_gold=len(gold_l), pred_hits=tp, gold_hits=tp)
+                total += counts
+                per_type.setdefault(label, PRF())
+                per_type[label] += counts
+        return {
+            "p": total.p,
+            "r": total.r,
+            "f": total.f,
+            "n_pred": total.n_pred,
+            "n_gold": total.n_gold,
+            "per_type_f": {label: prf.f for label, prf in sorted(per_type.items())},
+        }
+
+
+@registry.misc("spacy_medllm.GenerationEvaluator.v1")
+def make_generation_evaluator(
+    path: str,
+    strategy: Strategy,
+    scheme: Union[str, Dict[str, Any]] = "cmeee",
+    spans_key: str = DEFAULT_SPANS_KEY,
+    limit: int = 0,
+    constrained: bool = True,
+    batch_size: int = 32,
+    max_new_tokens: int = 0,
+    max_depth: int = 2,
+    max_span_chars: int = 30,
+    base: Optional[ModelSpec] = None,
+) -> GenerationEvaluator:
+    """The default dev evaluator (``[evaluation]`` block of a ``train-llm`` config).
+
+    ``limit`` > 0 scores only the first that many dev texts (quicker epochs);
+    ``max_new_tokens`` 0 allows 4 tokens per text character plus 64.
+    """
+    return GenerationEvaluator(
+        read_dev_examples(path, spans_key, limit),
+        strategy,
+        get_scheme(scheme),
+        constrained=constrained,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        max_depth=max_depth,
+        max_span_chars=max_span_chars,
+        base=base,
+    )
+
+
+__all__ = ["DevExample", "read_dev_examples", "load_trained", "locate", "GenerationEvaluator", "ADAPTER_NAME"]

@@ -1,0 +1,308 @@
+"""Copy-constrained decoding: the automaton, the vocabulary index, speculative verification
+and shared-prefix reuse, on random tiny Qwen2/Llama models (float64, so that batch shape
+cannot flip an argmax and "identical" means token by token)."""
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from spacy_medllm.llm.constrained import (  # noqa: E402
+    CopyAutomaton,
+    CopyConstraint,
+    DecodeStats,
+    as_copy_constraint,
+    decode_constrained,
+    shared_prefix_groups,
+    token_bytes,
+    vocab_index,
+)
+from spacy_medllm.llm.tiny import (  # noqa: E402
+    TinyModelConfig,
+    build_bpe_tokenizer,
+    build_char_tokenizer,
+    build_tiny_model,
+)
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+SMALL = dict(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64)
+
+
+def _sentences(n=3):
+    data = json.loads((ASSETS / "cmeee_dev.json").read_text(encoding="utf8"))
+    return [d["text"] for d in data if 8 <= len(d["text"]) <= 40][:n]
+
+
+@pytest.fixture(scope="module")
+def char_tok():
+    return build_char_tokenizer("".join(_sentences(50)) + "疾病症状药物：")
+
+
+@pytest.fixture(scope="module")
+def bpe_tok():
+    texts = _sentences(60)
+    # Symbol-style answers so that the vocabulary glues brackets to text ("[头" …).
+    return build_bpe_tokenizer(texts + ["[头痛]伴[发热]"] * 30, vocab_size=700)
+
+
+def _model(tok, arch="qwen2", seed=0):
+    return build_tiny_model(tok, TinyModelConfig(arch=arch, seed=seed, **SMALL)).double().eval()
+
+
+def _language(constraint, tok):
+    """Every complete answer (text) the constraint allows, by walking allowed tokens."""
+    index, automaton = vocab_index(tok), CopyAutomaton(constraint)
+    out, stack = set(), [(b"", automaton.initial)]
+    while stack:
+        data, configs = stack.pop()
+        if automaton.can_end(configs):
+            out.add(data.decode("utf8"))
+        for tid, nxt in index.allowed(automaton, configs).items():
+            stack.append((data + index.bytes_of[tid], nxt))
+    return out
+
+
+def _allowed_strings(constraint, tok, text):
+    """Allowed continuations that are whole characters (the char tokenizer also has the
+    byte pieces of each character, which the full-scan test covers)."""
+    index, automaton = vocab_index(tok), CopyAutomaton(constraint)
+    configs = automaton.advance_bytes(automaton.initial, text.encode("utf8"))
+    allowed = set()
+    for tid in index.allowed(automaton, configs):
+        try:
+            allowed.add(index.bytes_of[tid].decode("utf8"))
+        except UnicodeDecodeError:
+            continue
+    return allowed | ({"<EOS>"} if automaton.can_end(configs) else set())
+
+
+def test_allowed_sets_by_hand(char_tok):
+    c = CopyConstraint(source="头痛", forced_prefix="症状：")
+    assert _allowed_strings(c, char_tok, "") == {"症"}
+    assert _allowed_strings(c, char_tok, "症状：") == {"头", "["}
+    assert _allowed_strings(c, char_tok, "症状：[") == {"头"}  # no [[ and no []
+    assert _allowed_strings(c, char_tok, "症状：[头") == {"痛", "[", "]"}
+    assert _allowed_strings(c, char_tok, "症状：[头[痛") == {"]"}
+    assert _allowed_strings(c, char_tok, "症状：[头[痛]") == {"]"}
+    assert _allowed_strings(c, char_tok, "症状：[头[痛]]") == {"<EOS>"}  # EOS only at the end
+    assert _allowed_strings(c, char_tok, "症状：头痛") == {"<EOS>"}
+    assert _allowed_strings(c, char_tok, "症状：头") == {"痛", "["}
+
+
+def test_language_of_a_two_character_source(char_tok):
+    # Spans with distinct starts over "ab": {[0,1),[0,2)} x {[1,2)} -> 6 answers.
+    assert _language(CopyConstraint(source="ab"), char_tok) == {
+        "ab", "[a]b", "[ab]", "a[b]", "[a][b]", "[a[b]]"
+    }
+    assert _language(CopyConstraint(source="ab", max_depth=1), char_tok) == {
+        "ab", "[a]b", "[ab]", "a[b]", "[a][b]"
+    }
+    assert _language(CopyConstraint(source="ab", max_span_chars=1), char_tok) == {"ab", "[a]b", "a[b]", "[a][b]"}
+    loose = _language(CopyConstraint(source="a", forbid_double_open=False, forbid_empty=False), char_tok)
+    assert {"[[a]]", "[]a", "a[]", "[][a]"} <= loose and all(len(t) < 10 for t in loose)
+
+
+def test_max_span_forces_a_close(char_tok):
+    c = CopyConstraint(source="abcd", max_span_chars=2)
+    assert _allowed_strings(c, char_tok, "[ab") == {"]"}
+    assert _allowed_strings(c, char_tok, "a[b[c") == {"]"}
+
+
+def test_source_containing_the_bracket_character(char_tok):
+    lang = _language(CopyConstraint(source="[a"), char_tok)
+    assert "[a" in lang and "[[a]" in lang  # literal then open, or open then literal
+    assert "[a]" not in lang and "[[a]]" not in lang
+    c = CopyConstraint(source="x[a")
+    assert _allowed_strings(c, char_tok, "x[") == {"[", "a"}  # both readings alive
+
+
+@pytest.mark.parametrize("which", ["char", "bpe"])
+def test_index_matches_a_full_vocabulary_scan(which, char_tok, bpe_tok):
+    tok = char_tok if which == "char" else bpe_tok
+    index, pieces = vocab_index(tok), token_bytes(tok)
+    assert vocab_index(tok) is index  # built once per tokenizer
+    rng = random.Random(0)
+    for source in _sentences(3):
+        automaton = CopyAutomaton(CopyConstraint(source=source, forced_prefix="疾病："))
+        configs, steps = automaton.initial, 0
+        while True:
+            allowed = index.allowed(automaton, configs)
+            scan = {t for t, b in enumerate(pieces) if b and automaton.advance_bytes(configs, b)}
+            assert set(allowed) == scan
+            if not allowed:
+                break
+            configs = allowed[rng.choice(sorted(allowed))]
+            steps += 1
+        assert automaton.can_end(configs) and steps > 5
+    if which == "bpe":  # tokens that glue a bracket to text, and pieces of a character
+        assert any(len(b) > 1 and b[:1] == b"[" for b in pieces if b)
+        assert any(b and b.decode("utf8", errors="ignore") == "" for b in pieces)
+
+
+def test_bpe_token_bytes_round_trip(bpe_tok):
+    pieces = token_bytes(bpe_tok)
+    text = "患者[头痛]三天，伴发热。"
+    ids = bpe_tok.encode(text, add_special_tokens=False)
+    assert b"".join(pieces[i] for i in ids) == text.encode("utf8")
+
+
+def _rows(tok, sentences, types=("疾病", "症状", "药物")):
+    prompts, constraints = [], []
+    for text in sentences:
+        for label in types:
+            msgs = [{"role": "user", "content": f"标注实体。\n句子：{text}\n类型：{label}"}]
+            prompts.append(tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                               add_special_tokens=False).input_ids)
+            constraints.append(CopyConstraint(source=text, forced_prefix=label + "："))
+    return prompts, constraints
+
+
+def _decode(model, tok, prompts, constraints, **kw):
+    stats = DecodeStats()
+    rows = decode_constrained(model, tok, prompts, constraints, eos_token_ids=[tok.eos_token_id], stats=stats, **kw)
+    return rows, stats
+
+
+def _is_valid_answer(text, c):
+    if not text.startswith(c.forced_prefix):
+        return False
+    body, depth = text[len(c.forced_prefix):], 0
+    for ch in body:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth < 0 or depth > c.max_depth:
+            return False
+    return depth == 0 and body.replace("[", "").replace("]", "") == c.source and "[[" not in body and "[]" not in body
+
+
+@pytest.mark.parametrize("arch,seed", [("qwen2", 0), ("qwen2", 1), ("llama", 2)])
+def test_speculative_equals_constrained_greedy(char_tok, arch, seed):
+    model = _model(char_tok, arch, seed)
+    prompts, constraints = _rows(char_tok, _sentences(2))
+    greedy, g_stats = _decode(model, char_tok, prompts, constraints, speculative=False, share_prefix=False)
+    spec, s_stats = _decode(model, char_tok, prompts, constraints, speculative=True, share_prefix=False, max_draft=8)
+    assert [r.token_ids for r in spec] == [r.token_ids for r in greedy]
+    for a, b in zip(spec, greedy):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-9)
+        assert a.finished and a.token_ids[-1] == char_tok.eos_token_id
+    for row, c in zip(greedy, constraints):
+        assert _is_valid_answer(row.text, c)
+    assert g_stats.generated_tokens == s_stats.generated_tokens == sum(len(r.token_ids) for r in greedy)
+    assert s_stats.forward_passes < g_stats.forward_passes
+    assert s_stats.accepted_tokens > 0
+
+
+def test_speculative_and_shared_prefix_with_bpe(bpe_tok):
+    model = _model(bpe_tok, "qwen2", 3)
+    prompts, constraints = _rows(bpe_tok, _sentences(2))
+    greedy, _ = _decode(model, bpe_tok, prompts, constraints, speculative=False, share_prefix=False)
+    both, _ = _decode(model, bpe_tok, prompts, constraints, speculative=True, share_prefix=True)
+    assert [r.token_ids for r in both] == [r.token_ids for r in greedy]
+    for row, c in zip(greedy, constraints):
+        assert _is_valid_answer(row.text, c)
+
+
+def test_shared_prefix_equals_separate_prompts(char_tok):
+    model = _model(char_tok, "qwen2", 4)
+    prompts, constraints = _rows(char_tok, _sentences(3))
+    plain, p_stats = _decode(model, char_tok, prompts, constraints, speculative=True, share_prefix=False)
+    shared, s_stats = _decode(model, char_tok, prompts, constraints, speculative=True, share_prefix=True)
+    assert [r.token_ids for r in shared] == [r.token_ids for r in plain]
+    for a, b in zip(shared, plain):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-9)
+    # two extra passes (instruction once, then each sentence once) instead of 9 full prompts
+    assert s_stats.forward_passes <= p_stats.forward_passes + 2
+
+
+def test_shared_prefix_groups():
+    prompts = [[1, 2, 3, 4, 5, 9], [1, 2, 3, 4, 5, 8], [1, 2, 7, 7, 7, 7, 6], [1, 2, 7, 7, 7, 7, 5]]
+    assert shared_prefix_groups(prompts, ["s1", "s1", "s2", "s2"]) == [([0, 1], 5), ([2, 3], 6)]
+    assert shared_prefix_groups([[1, 2], [1, 2]], ["s", "s"]) == [([0, 1], 1)]  # keep one own token
+
+
+def test_max_new_tokens_cuts_and_unknown_character_fails(char_tok):
+    model = _model(char_tok)
+    prompts, constraints = _rows(char_tok, _sentences(1), types=("疾病",))
+    rows, _ = _decode(model, char_tok, prompts, constraints, max_new_tokens=[4])
+    assert len(rows[0].token_ids) == 4 and not rows[0].finished
+
+
+def test_word_level_vocabulary_and_a_character_it_cannot_spell():
+    """A tokenizer without byte pieces: token strings are the text; a missing character
+    is a clear error, not a hang or a silent drop."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|im_end|>": 0, "<unk>": 1, **{ch: i + 2 for i, ch in enumerate("问：头痛[]ab")}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", unk_token="<unk>")
+    assert _language(CopyConstraint(source="ab"), tok) == {"ab", "[a]b", "[ab]", "a[b]", "[a][b]", "[a[b]]"}
+    model = _model(tok)
+    prompt = tok("问：头痛", add_special_tokens=False).input_ids
+    rows, _ = _decode(model, tok, [prompt], [CopyConstraint(source="头痛", forced_prefix="a")])
+    assert rows[0].text.replace("[", "").replace("]", "") == "a头痛"
+    with pytest.raises(RuntimeError, match="cannot spell"):
+        _decode(model, tok, [prompt], [CopyConstraint(source="头疼", forced_prefix="a")])
+
+
+def test_symbol_strategy_constraint_is_accepted():
+    class Record:  # the shape of spacy_medllm.strategies.symbol.CopyConstraint
+        prefix, source, open, close = "疾病：", "头痛", "[", "]"
+
+    c = as_copy_constraint(Record())
+    assert (c.forced_prefix, c.source, c.open, c.close) == ("疾病：", "头痛", "[", "]")
+    with pytest.raises(TypeError):
+        as_copy_constraint(object())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: threads only add contention on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_generator_runtime_symbol_requests_and_prompt_lookup(tmp_path, char_tok):
+    """Through the runtime: HFGenerator hands constrained requests to generate_constrained;
+    every mention of every answer aligns; prompt lookup equals plain greedy."""
+    from spacy_medllm.labels import get_scheme
+    from spacy_medllm.llm.constrained import generate_prompt_lookup
+    from spacy_medllm.llm.generation import GenerationRequest, HFGenerator
+    from spacy_medllm.llm.loader import ModelSpec, clear_cache, load_lm
+    from spacy_medllm.strategies.symbol import SymbolStrategy
+
+    model = _model(char_tok, "qwen2", 5)
+    model.save_pretrained(tmp_path)
+    char_tok.save_pretrained(tmp_path)
+    lm = load_lm(ModelSpec(path=str(tmp_path), device="cpu"))
+    try:
+        generator = HFGenerator(lm)
+        strategy, scheme = SymbolStrategy(), get_scheme("cmeee")
+        texts = _sentences(2)
+        prompts = [(text, p) for text in texts for p in strategy.prompts(text, scheme)[:3]]
+        requests = [
+            GenerationRequest(prompt=p.chat_text(char_tok), max_new_tokens=400, constraint=strategy.copy_constraint(text, p))
+            for text, p in prompts
+        ]
+        results = generator.generate(requests, batch_size=8)
+        direct, _ = _decode(
+            lm.model, char_tok, [generator.encode(r) for r in requests],
+            [as_copy_constraint(r.constraint) for r in requests], speculative=False, share_prefix=False,
+        )
+        assert [r.token_ids for r in results] == [d.token_ids for d in direct]
+        for result, (text, p) in zip(results, prompts):
+            assert result.finish_reason == "stop" and result.forward_passes > 0
+            parsed = strategy.parse(text, result.text, p)
+            assert not parsed.discarded and all(text[m.start:m.end] == m.text for m in parsed.mentions)
+        plain = [GenerationRequest(prompt=p.chat_text(char_tok), max_new_tokens=12) for _, p in prompts[:2]]
+        lookup = generate_prompt_lookup(lm, plain, num_tokens=4)
+        greedy = generator.generate(plain)
+        assert [r.token_ids for r in lookup] == [r.token_ids for r in greedy]
+        for a, b in zip(lookup, greedy):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-6)
+    finally:
+        clear_cache()
