@@ -1,6 +1,6 @@
 """Decoding benchmark for the symbol strategy: plain greedy vs copy-constrained decoding.
 
-    python benchmarks/decoding.py --sentences N [--model DIR] [--batch-sentences K] [--threads T]
+    python benchmarks/decoding.py --sentences N [--model DIR [--template FILE]] [--batch-sentences K]
 
 For N CMeEE sentences (assets/cmeee_dev.json) it builds the 9 per-type symbol prompts and
 decodes them four ways, each in batches of K sentences (9K rows):
@@ -12,7 +12,9 @@ decodes them four ways, each in batches of K sentences (9K rows):
     sentence) computed once and its KV cache copied to the rows.
 
 ``--model DIR`` loads a trained checkpoint (e.g. the tiny model fine-tuned by
-``train-llm``); without it a random tiny character-level Qwen2 is built. A random model
+``train-llm``; pass the prompt template it was trained with, e.g.
+``--template configs/templates/symbol_tiny.zh.jinja``); without it a random tiny
+character-level Qwen2 is built and the builtin symbol prompts are used. A random model
 stops whenever it likes, so for (a) ``min_new_tokens = max_new_tokens`` = the longest
 constrained answer of the batch: plain greedy then produces as many tokens as the
 constrained answers need. With a checkpoint (a) gets ``max_new_tokens = len(prefix) +
@@ -22,7 +24,7 @@ each call once per row in it while that row is unfinished (the
 ``GenerationResult.forward_passes`` of the runtime). Torch threads are set explicitly
 (``--threads``, default 1) so numbers do not depend on what else runs on the machine's
 cores. The last line is machine-readable:
-``passes_ratio=<a/d row passes> wall_ratio=<a/d> identical=<b==c==d> aligned=<share>``.
+``passes_ratio=<a/d model calls> wall_ratio=<a/d> identical=<b==c==d> aligned=<share of (d)>``.
 """
 import argparse
 import json
@@ -60,12 +62,12 @@ def load_model(path):
     return model, tokenizer, f"random tiny char-level Qwen2 ({n / 1e6:.1f}M parameters, {config})"
 
 
-def build_rows(texts, tokenizer):
-    """Per sentence the 9 symbol prompts (type last), token ids, constraints, parsers."""
+def build_rows(texts, tokenizer, template=None):
+    """Per sentence the 9 symbol prompts (type last), token ids and constraints."""
     from spacy_medllm.labels import get_scheme
     from spacy_medllm.strategies.symbol import SymbolStrategy
 
-    strategy, scheme = SymbolStrategy(), get_scheme("cmeee")
+    strategy, scheme = SymbolStrategy(template=template), get_scheme("cmeee")
     rows = []
     for text in texts:
         for prompt in strategy.prompts(text, scheme):
@@ -146,13 +148,14 @@ def aligned_share(strategy, rows, texts):
         result = strategy.parse(row["text"], response, row["prompt"])
         stated += max(response.count("["), response.count("]"))
         found += len(result.mentions)
-    return (found / stated if stated else 1.0), stated
+    return (found / stated if stated else None), stated
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sentences", type=int, default=6, help="CMeEE dev sentences (9 prompts each)")
     parser.add_argument("--model", default=None, help="trained checkpoint directory (default: random tiny)")
+    parser.add_argument("--template", default=None, help="prompt template the checkpoint was trained with")
     parser.add_argument("--batch-sentences", type=int, default=3, help="sentences per batch, all modes")
     parser.add_argument("--max-draft", type=int, default=64, help="draft tokens per speculative pass")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -163,7 +166,7 @@ def main():
     model, tokenizer, described = load_model(args.model)
     data = json.loads((ROOT / "assets" / "cmeee_dev.json").read_text(encoding="utf8"))
     texts = [d["text"] for d in data if 0 < len(d["text"]) <= args.max_chars][: args.sentences]
-    strategy, rows = build_rows(texts, tokenizer)
+    strategy, rows = build_rows(texts, tokenizer, args.template)
     from spacy_medllm.llm.generation import stop_token_ids
 
     eos = stop_token_ids(tokenizer, model)
@@ -220,19 +223,20 @@ def main():
         share, stated = aligned_share(strategy, rows, r["texts"])
         shares[key] = share
         same = "-" if key in "ab" else str(r["tokens"] == results["b"]["tokens"]).lower()
+        share_text = "n/a" if share is None else f"{share:.3f}"
         print(
             f"{names[key]:<24}{r['calls'] / n:>11.1f}{r['row_passes'] / n:>14.1f}{r['generated'] / n:>13.1f}"
             f"{r['seconds'] / n:>8.3f}{n / r['seconds']:>8.2f}{a['calls'] / r['calls']:>10.2f}"
             f"{a['row_passes'] / r['row_passes']:>12.2f}{a['seconds'] / r['seconds']:>9.2f}{same:>10}"
-            f"{share:>9.3f}"
+            f"{share_text:>9}"
         )
     for key in "cd":
         r = results[key]
         print(f"{names[key]}: {r['accepted']} of {r['drafted']} draft tokens accepted")
     d = results["d"]
     print(
-        f"passes_ratio={a['row_passes'] / d['row_passes']:.2f} wall_ratio={a['seconds'] / d['seconds']:.2f} "
-        f"identical={str(identical).lower()} aligned={shares['d']:.3f}"
+        f"passes_ratio={a['calls'] / d['calls']:.2f} wall_ratio={a['seconds'] / d['seconds']:.2f} "
+        f"identical={str(identical).lower()} aligned={shares['d'] if shares['d'] is None else format(shares['d'], '.3f')}"
     )
 
 

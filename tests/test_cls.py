@@ -11,9 +11,9 @@ from spacy.tokens import Doc, DocBin
 from spacy.training import Example
 
 from spacy_medllm.components.cls import MedLLMClassifierFilter, best_threshold, calibrate
-from spacy_medllm.llm.cls_head import MARKERS, load_classifier
+from spacy_medllm.llm.cls_head import MARKERS, ClassifierSettings, SpanClassifier, load_classifier
 from spacy_medllm.llm.loader import ModelSpec, load_lm
-from spacy_medllm.llm.tiny import TinyModelConfig, init_tiny
+from spacy_medllm.llm.tiny import TinyModelConfig, build_char_tokenizer, build_tiny_model, init_tiny
 from spacy_medllm.spans import flat_view
 from spacy_medllm.training.cls_data import (
     ClsRecord,
@@ -156,20 +156,20 @@ def config(**kwargs):
 
 def test_tiny_llm_classifier_markers_training_and_round_trip(tmp_path):
     records = toy_records()
-    result = train_classifier(make_tiny_llm_classifier(**TINY), records, records[:16], LABELS, config(epochs=3), tmp_path)
+    result = train_classifier(make_tiny_llm_classifier(**TINY), records, records[:16], LABELS, config(epochs=5), tmp_path)
     clf = result.classifier
-    # markers: special tokens after the base vocabulary; the effective table has a row for each
+    # markers: special tokens after the base vocabulary, each with a trained embedding row
     open_id, close_id = clf.tokenizer.convert_tokens_to_ids(list(MARKERS))
-    assert (open_id, close_id) == (clf.base_vocab, clf.base_vocab + 1)
-    assert clf.embedding_rows == len(clf.tokenizer) == clf.base_vocab + 2
+    assert (open_id, close_id) == (clf.base_vocab, clf.base_vocab + 1) and len(clf.tokenizer) == clf.base_vocab + 2
+    assert clf.extra_embeddings.shape == (2, 32) and clf.extra_embeddings.grad is not None
     ids, pos = clf.encode("患者出现高热", 4, 6, "sym")
     assert clf.tokenizer.decode(ids) == "临床表现\n患者出现<ent>高热</ent>"
     assert ids[pos] == close_id
     # loss falls
-    first, last = result.losses[:3], result.losses[-3:]
-    assert sum(last) / 3 < sum(first) / 3 - 0.05
+    first, last = result.losses[:5], result.losses[-5:]
+    assert sum(last) / 5 < sum(first) / 5 - 0.2
     assert (tmp_path / "model-best" / "head.safetensors").exists() and (tmp_path / "log.jsonl").exists()
-    assert [e["epoch"] for e in result.evaluations] == [1, 2, 3]
+    assert [e["epoch"] for e in result.evaluations] == [1, 2, 3, 4, 5]
     # save / load: identical probabilities
     cands = [(r.text, r.start, r.end, r.label) for r in records[:8]]
     loaded = load_classifier(result.model_last)
@@ -177,16 +177,31 @@ def test_tiny_llm_classifier_markers_training_and_round_trip(tmp_path):
     assert evaluate_classifier(loaded, records[:16])["acc"] == result.evaluations[-1]["eval"]["acc"]
 
 
+def test_markers_use_their_own_rows_on_a_padded_vocabulary():
+    tokenizer = build_char_tokenizer("患者高热")
+    n_tokens = len(tokenizer)
+    model = build_tiny_model(tokenizer, TinyModelConfig(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64))
+    model.resize_token_embeddings(n_tokens + 6)  # spare rows, as real checkpoints have
+    clf = SpanClassifier(model, tokenizer, ClassifierSettings(labels=LABELS))
+    assert (clf.open_id, clf.close_id) == (n_tokens, n_tokens + 1) and clf.extra_embeddings.shape[0] == 2
+    inputs = clf.collate([clf.encode("患者高热", 2, 4, "sym")])
+    before = clf(**inputs)
+    with torch.no_grad():
+        clf.extra_embeddings[1] += 1.0  # the closing marker's row
+    assert not torch.allclose(before, clf(**inputs))
+
+
 def test_encoder_baseline_learns(tmp_path):
     records = toy_records()
     result = train_classifier(
-        make_encoder_classifier(hidden=32, layers=1, heads=2, intermediate=64, max_length=48, dropout=0.0),
-        records, records, LABELS, config(epochs=4), tmp_path,
+        make_encoder_classifier(hidden=64, layers=2, heads=2, intermediate=128, max_length=48, dropout=0.0),
+        records, records, LABELS, config(learning_rate=3e-3, epochs=4), tmp_path,
     )
     assert result.classifier.settings.kind == "encoder"
     assert result.classifier.encode("无呕吐", 1, 3, "sym")[1] == 0  # [CLS]
     assert result.evaluations[-1]["eval"]["acc"] == 1.0
-    loaded = load_classifier(result.model_best)
+    assert result.best_step == 24  # the first evaluation at accuracy 1.0; a tie does not replace it
+    loaded = load_classifier(result.model_last)
     cands = [(r.text, r.start, r.end, r.label) for r in records[:6]]
     assert loaded.predict_proba(cands) == pytest.approx(result.classifier.predict_proba(cands), abs=1e-6)
 
@@ -267,8 +282,8 @@ def test_qlora_classifier_on_cpu_shares_the_base(tmp_path):
     pytest.importorskip("bitsandbytes")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(r.text for r in toy_records()), encoding="utf8")
-    base_dir = init_tiny(tmp_path / "base", [corpus], TinyModelConfig(hidden=64, layers=1, heads=2, kv_heads=1, intermediate=128))
-    spec = ModelSpec(path=str(base_dir), device="cpu", quantization="4bit")
+    init_tiny(tmp_path / "base", [corpus], TinyModelConfig(hidden=64, layers=1, heads=2, kv_heads=1, intermediate=128))
+    spec = ModelSpec(path=str(tmp_path / "base"), device="cpu", quantization="4bit")
     build = make_llm_classifier(
         spec, method="qlora", lora=LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj")),
         max_length=48,
@@ -276,6 +291,7 @@ def test_qlora_classifier_on_cpu_shares_the_base(tmp_path):
     records = toy_records(32)
     result = train_classifier(build, records, records[:8], LABELS, config(max_steps=6, epochs=1), tmp_path / "out")
     clf = result.classifier
+    assert any(type(m).__name__ == "Linear4bit" for m in clf.model.modules())
     trainable = {n for n, p in clf.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)  # the 4-bit base stays frozen
     assert all(torch.isfinite(torch.tensor(result.losses)))

@@ -72,7 +72,12 @@ def qwen_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "llama", arch="llama")
+    """A tiny Llama fully fine-tuned on the sym/dis records: LoRA on a random base barely
+    moves the loss (its output layer is near zero and frozen), as on no real checkpoint."""
+    root = tmp_path_factory.mktemp("tiny")
+    base = save_tiny(root / "llama", arch="llama")
+    model = SFTModel(base=ModelSpec(path=str(base), dtype="float32"), method="full")
+    return train_sft(model, symbol_records(), quick_config(max_steps=30), root / "pre").model_last
 
 
 @pytest.fixture(autouse=True)
@@ -190,8 +195,9 @@ def test_resume_equals_uninterrupted_run_and_runs_are_reproducible(qwen_dir, tmp
 
 def test_lora_on_llama_trains_only_the_adapter(llama_dir, tmp_path):
     model = SFTModel(base=ModelSpec(path=str(llama_dir), dtype="float32"), method="lora", lora=LoraSettings(r=8, alpha=16, dropout=0.0))
-    result = train_sft(model, symbol_records()[:4], quick_config(max_steps=30, learning_rate=2e-2), tmp_path / "out")
-    assert result.losses[-1] < 0.6 * result.losses[0], result.losses
+    records = symbol_records(("dru", "bod", "pro"))[:4]  # types the base has not seen
+    result = train_sft(model, records, quick_config(max_steps=30, learning_rate=2e-2), tmp_path / "out")
+    assert result.losses[-1] < 0.8 * result.losses[0], result.losses
     config = json.loads((result.model_last / "adapter_config.json").read_text())
     assert config["r"] == 8 and Path(config["base_model_name_or_path"]) == llama_dir
     adapter = load_file(str(result.model_last / "adapter_model.safetensors"))
@@ -261,11 +267,11 @@ def test_cli_trains_two_steps_with_overrides(qwen_dir, tmp_path):
     result = run_cli(
         ROOT / "configs" / "train_llm_tiny.cfg", "--output", out, "--paths.base_model", qwen_dir,
         "--corpora.train.limit", 4, "--training.max_steps", 2, "--training.progress_bar", "false",
-        "--evaluation.limit", 2,
+        "--evaluation.limit", 2, "--evaluation.constrained", "false", "--evaluation.max_new_tokens", 8,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Trained 2 steps" in result.stdout
     assert (out / "model-best" / "model.safetensors").exists() and (out / "config.cfg").exists()
     assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["eval"]["n_gold"] > 0
     bad = run_cli(ROOT / "configs" / "train_llm_tiny.cfg", "--output", out, "--paths.base_model", qwen_dir, "--paths.train", tmp_path / "missing.json")
-    assert bad.returncode == 1 and "missing.json does not exist" in bad.stdout
+    assert bad.returncode == 1 and "missing.json does not exist" in " ".join(bad.stdout.split())

@@ -16,3 +16,5 @@ from . import train_llm  # noqa: E402,F401
 from . import build_cls_data  # noqa: E402,F401
 from . import train_cls  # noqa: E402,F401
 from . import calibrate_cls  # noqa: E402,F401
+from . import predict  # noqa: E402,F401
+from . import visualize  # noqa: E402,F401

@@ -13,6 +13,13 @@ from ..labels import get_scheme
 from ..training.cls_data import KINDS, build_cls_data, write_cls_records
 from . import medllm_cli
 
+PROBLEMS = {
+    "empty_gold": "empty gold spans skipped",
+    "docs_without_spans_key": "documents without the span group skipped",
+    "mined_text_mismatch": "predicted documents whose text differs from the gold one (not mined)",
+    "mined_doc_count_mismatch": "documents without a counterpart in the other file",
+}
+
 
 @medllm_cli.command("build-cls-data")
 def build_cls_data_cli(
@@ -40,9 +47,11 @@ def build_cls_data_cli(
     write_cls_records(records, output_path)
     rows = [(k, stats[f"available_{k}"], stats[f"sampled_{k}"]) for k in KINDS]
     msg.table(rows, header=("kind", "available", "sampled"), aligns=("l", "r", "r"))
-    problems = {k: v for k, v in stats.items() if not k.startswith(("available_", "sampled_")) and v}
-    for key, value in sorted(problems.items()):
-        msg.warn(f"{key}: {value}")
+    if stats["mined_correct"]:
+        msg.info(f"{stats['mined_correct']} predicted spans are gold (not negatives)")
+    for key in PROBLEMS:
+        if stats[key]:
+            msg.warn(f"{PROBLEMS[key]}: {stats[key]}")
     if not records:
         msg.fail(f"No records: {input_path} has no entities under doc.spans[{spans_key!r}]", exits=1)
     msg.good(f"Wrote {len(records)} records to {output_path}")

@@ -21,9 +21,8 @@ change the generator's vocabulary (tied embeddings make the markers generable), 
 LoRA the whole resized embedding matrix would have to be saved with the adapter (hundreds
 of MB on a 7B model). The tokenizer does get the markers as special tokens; their rows
 live in the classifier (``extra_embeddings``, saved with the head), and the backbone is fed
-``inputs_embeds``: ids below the base vocabulary size are looked up in the base table,
-ids above in the classifier's rows. The classifier's effective embedding table therefore
-has exactly ``len(tokenizer)`` rows.
+``inputs_embeds``: the markers' ids (the last ids of the tokenizer) are looked up in the
+classifier's rows, every other id in the base table.
 
 A saved classifier is a directory::
 
@@ -126,7 +125,11 @@ class SpanClassifier(nn.Module):
         self.open_id, self.close_id = add_markers(tokenizer)
         embeddings = model.get_input_embeddings()
         self.base_vocab = embeddings.weight.shape[0]
-        n_extra = max(0, len(tokenizer) - self.base_vocab)
+        # ids from the first marker on have their rows here, also when the base table is
+        # padded beyond the tokenizer (Qwen2.5: 152064 rows, 151665 tokens), whose spare
+        # rows are untrained and, under LoRA, frozen
+        self.extra_start = min(self.open_id, self.close_id)
+        n_extra = len(tokenizer) - self.extra_start
         # new rows ~ the distribution of the existing ones (a strided sample of at most
         # ~8k rows: a 7B table copied to float32 would cost gigabytes)
         table = embeddings.weight.detach()
@@ -148,11 +151,6 @@ class SpanClassifier(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.head.weight.device
-
-    @property
-    def embedding_rows(self) -> int:
-        """Rows of the effective input embedding table (base rows + marker rows)."""
-        return self.base_vocab + self.extra_embeddings.shape[0]
 
     @contextmanager
     def _active(self) -> Iterator[Any]:
@@ -202,11 +200,9 @@ class SpanClassifier(nn.Module):
     # -- model -------------------------------------------------------------------------------
     def _embed(self, model: Any, input_ids: torch.Tensor) -> torch.Tensor:
         table = model.get_input_embeddings()
-        is_extra = input_ids >= self.base_vocab
-        base = table(input_ids.clamp(max=self.base_vocab - 1))
-        if not self.extra_embeddings.shape[0]:
-            return base
-        extra = self.extra_embeddings[(input_ids - self.base_vocab).clamp(min=0)].to(base.dtype)
+        is_extra = input_ids >= self.extra_start
+        base = table(torch.where(is_extra, torch.zeros_like(input_ids), input_ids))
+        extra = self.extra_embeddings[(input_ids - self.extra_start).clamp(min=0)].to(base.dtype)
         return torch.where(is_extra.unsqueeze(-1), extra, base)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -19,11 +19,19 @@ Three things follow from that and are implemented here:
   is last in the template): the common token prefix is run once and its KV cache is copied
   to every row.
 
-Rows of a batch progress at different speeds, so the KV cache is kept per row with
-explicit position ids and a padding mask; rejected draft positions are masked and then
-dropped by compacting the cache.
+Rows of a batch progress at different speeds, so the batch keeps one KV cache with
+explicit position ids per row and a mask over its columns: rejected draft positions are
+masked, cropped when no row needs them and compacted away when rows finish or the holes
+grow. The draft length adapts per row to how far the model followed the last draft (the
+output does not depend on it, only the compute does).
+
+``generate_constrained`` is the runtime entry (``HFGenerator`` calls it for requests that
+carry a constraint); ``generate_prompt_lookup`` offers Hugging Face prompt-lookup decoding
+to the strategies without a strict copy constraint. ``benchmarks/decoding.py`` measures all
+of it against plain ``generate``.
 """
 import bisect
+import inspect
 import json
 import re
 import time
@@ -311,6 +319,7 @@ class VocabIndex:
 
 _INDEXES: Dict[int, VocabIndex] = {}
 MIN_SHARED = 4  # shorter common prefixes are not worth a separate pass
+MIN_DRAFT = 4
 
 
 def vocab_index(tokenizer) -> VocabIndex:
@@ -367,6 +376,7 @@ class _Row:
     logprobs: List[float] = field(default_factory=list)
     passes: int = 0
     done: bool = False
+    draft_len: int = 0
 
 
 class _Batch:
@@ -385,9 +395,10 @@ class _Batch:
         self.mask = torch.zeros((1, 0), dtype=torch.long)
         self.last_width = 0
 
-    def forward(self, blocks: Sequence[Sequence[int]], starts: Sequence[int]):
+    def forward(self, blocks: Sequence[Sequence[int]], starts: Sequence[int], keep_last: int = 0):
         """One pass on a block of tokens per row (row r's first token at position
-        ``starts[r]``); returns logits [rows, width, vocab]."""
+        ``starts[r]``); returns logits [rows, width, vocab], or of the last ``keep_last``
+        columns only (the lm head over a large vocabulary is the costly part of a prefill)."""
         import torch
 
         width = max(1, max(len(b) for b in blocks))
@@ -399,12 +410,14 @@ class _Batch:
         positions = torch.tensor(list(starts))[:, None] + torch.arange(width)
         mask = torch.cat([self.mask.expand(len(blocks), -1), valid], dim=1)
         device = self.model.device
+        extra = {"logits_to_keep": min(keep_last, width)} if keep_last and _takes_logits_to_keep(self.model) else {}
         out = self.model(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             position_ids=positions.to(device),
             past_key_values=self.cache,
             use_cache=True,
+            **extra,
         )
         self.mask = mask
         self.last_width = width
@@ -412,24 +425,40 @@ class _Batch:
 
     def keep(self, rows: Sequence[int], kept_new: Sequence[int]) -> None:
         """Keep batch rows ``rows`` (a repeated index copies a row) and, of the columns of
-        the last pass, the first ``kept_new[k]`` for the k-th kept row; then drop the
-        columns no row needs."""
+        the last pass, the first ``kept_new[k]`` for the k-th kept row.
+
+        Columns no row uses any more are cropped from the end (cheap); the cache is only
+        re-gathered when rows change or masked holes would waste a quarter of it."""
         import torch
 
-        mask = self.mask[list(rows)].clone()
+        rows = list(rows)
+        mask = self.mask[rows].clone()
         if not rows:
             self.mask = mask
             return
         for k, n in enumerate(kept_new):
             mask[k, mask.shape[1] - self.last_width + n :] = 0
         counts = mask.sum(dim=1)
+        used = torch.nonzero(mask.any(dim=0)).flatten()
+        end = int(used[-1]) + 1 if len(used) else 0
+        waste = end - int(counts.max())
+        if rows == list(range(self.mask.shape[0])) and waste < max(32, end // 4):
+            self.cache.crop(end - mask.shape[1])
+            self.mask = mask[:, :end]
+            return
         new_len = int(counts.max())
         # Valid columns first, in order; padding points at column 0 (always a real token).
         order = torch.argsort(1 - mask, dim=1, stable=True)[:, :new_len]
         arange = torch.arange(new_len)[None, :]
         cols = torch.where(arange < counts[:, None], order, torch.zeros_like(order))
         self.mask = (arange < counts[:, None]).long()
-        _gather_cache(self.cache, torch.tensor(list(rows), dtype=torch.long), cols)
+        _gather_cache(self.cache, torch.tensor(rows, dtype=torch.long), cols)
+
+
+def _takes_logits_to_keep(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
 
 def _gather_cache(cache, rows, cols) -> None:
     """Select batch ``rows`` and, per row, sequence columns ``cols`` [rows, T'] in place."""
@@ -486,14 +515,14 @@ def _prefill_shared(batch: "_Batch", prompts, groups, stats: "DecodeStats") -> T
         top = min(min(shared), min(_lcp(heads[0], h) for h in heads[1:]))
     passes = 0
     if top >= MIN_SHARED:
-        batch.forward([heads[0][:top]], [0])
+        batch.forward([heads[0][:top]], [0], keep_last=1)
         batch.keep([0] * len(groups), [top] * len(groups))
         passes += 1
     else:
         top = 0
     segments = [h[top:n] for h, n in zip(heads, shared)]
     if any(segments):
-        batch.forward(segments, [top] * len(groups))
+        batch.forward(segments, [top] * len(groups), keep_last=1)
         passes += 1
     order = [g for g, (members, _) in enumerate(groups) for _ in members]
     batch.keep(order, [len(segments[g]) for g in order])
@@ -551,7 +580,7 @@ def _decode_batch(model, tokenizer, index, prompts, constraints, max_new, eos_id
     speculative, share_prefix, max_draft = options
     automata = {c: CopyAutomaton(c) for c in set(constraints)}
     rows = [
-        _Row(automaton=automata[c], configs=automata[c].initial, pending=list(p), max_new=m)
+        _Row(automaton=automata[c], configs=automata[c].initial, pending=list(p), max_new=m, draft_len=max_draft)
         for p, c, m in zip(prompts, constraints, max_new)
     ]
     batch = _Batch(model, pad_id)
@@ -563,16 +592,20 @@ def _decode_batch(model, tokenizer, index, prompts, constraints, max_new, eos_id
     batch_rows = list(rows)
     while batch_rows:
         drafts = [
-            _draft_tokens(index, tokenizer, row, max_draft, eos_ids[0]) if speculative else []
+            _draft_tokens(index, tokenizer, row, row.draft_len, eos_ids[0]) if speculative else []
             for row in batch_rows
         ]
-        logits = batch.forward([row.pending + d for row, d in zip(batch_rows, drafts)], [row.pos for row in batch_rows])
+        blocks = [row.pending + d for row, d in zip(batch_rows, drafts)]
+        width = max(len(b) for b in blocks)
+        first = width - min(len(row.pending) - 1 for row in batch_rows)  # logits kept per row
+        logits = batch.forward(blocks, [row.pos for row in batch_rows], keep_last=first)
+        offset = width - logits.shape[1]
         stats.forward_passes += 1
         keep_rows, kept_new = [], []
         for r, (row, draft) in enumerate(zip(batch_rows, drafts)):
             row.passes += 1
             stats.draft_tokens += len(draft)
-            base, accepted = len(row.pending) - 1, 0
+            base, accepted = len(row.pending) - 1 - offset, 0
             while True:
                 allowed = _allowed(index, row.automaton, row.configs, eos_ids)
                 if not allowed:
@@ -592,6 +625,8 @@ def _decode_batch(model, tokenizer, index, prompts, constraints, max_new, eos_id
                     continue
                 break
             stats.accepted_tokens += accepted
+            # Adapt the draft to how far the model follows the source (only costs compute).
+            row.draft_len = min(max_draft, max(MIN_DRAFT, 2 * (accepted + 1)))
             if not row.done:
                 keep_rows.append(r)
                 kept_new.append(len(row.pending) + accepted)

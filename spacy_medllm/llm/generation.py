@@ -128,10 +128,9 @@ def _template_end_of_turn(tokenizer: Any) -> Optional[int]:
     after = text.split(marker, 1)[1]
     special = _special_tokens(tokenizer)
     for token_id in tokenizer(after, add_special_tokens=False).input_ids:
-        token = tokenizer.convert_ids_to_tokens(token_id)
-        if token in special:
+        if tokenizer.convert_ids_to_tokens(token_id) in special:
             return token_id
-        if token.strip():
+        if tokenizer.decode([token_id]).strip():
             return None
     return None
 

@@ -49,15 +49,21 @@ class HFCausalLM:
             return self._context_length
         return getattr(self.lm.model.config, "max_position_embeddings", None)
 
-    def __call__(self, prompts: Iterable[Iterable[Any]]) -> Iterable[Iterable[str]]:
+    def __call__(self, prompts: Iterable[Iterable[Any]]) -> Iterable[Iterable[Any]]:
+        """Prompts that are already :class:`GenerationRequest`s (our NER task's, which may
+        carry a copy constraint) are answered with full :class:`GenerationResult`s, so the
+        task sees token scores; any other prompt is answered with its text."""
         per_doc = [list(doc_prompts) for doc_prompts in prompts]
         requests = [
-            GenerationRequest(prompt=p, max_new_tokens=self.max_new_tokens, chat=self.chat)
+            p if isinstance(p, GenerationRequest) else GenerationRequest(prompt=p, max_new_tokens=self.max_new_tokens, chat=self.chat)
             for doc_prompts in per_doc
             for p in doc_prompts
         ]
-        texts = iter(r.text for r in self.generator.generate(requests, self.batch_size))
-        return [[next(texts) for _ in doc_prompts] for doc_prompts in per_doc]
+        results = iter(self.generator.generate(requests, self.batch_size))
+        return [
+            [r if isinstance(p, GenerationRequest) else r.text for p, r in zip(doc_prompts, results)]
+            for doc_prompts in per_doc
+        ]
 
 
 @registry.llm_models("spacy_medllm.HFCausalLM.v1")

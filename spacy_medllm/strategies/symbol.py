@@ -98,7 +98,10 @@ class SymbolStrategy(BaseStrategy):
                 break
         if spans is None:
             spans = self._align_fallback(text, body, result)
-        return finish(text, (Mention(label, text[s:e], s, e) for s, e in spans), result, prompt.scheme)
+        if any(s >= e for s, e in spans):
+            result.discard("empty_span", sum(s >= e for s, e in spans))
+        mentions = [Mention(label, text[s:e], s, e) for s, e in spans if s < e]
+        return finish(text, mentions, result, prompt.scheme)
 
     # -- helpers ---------------------------------------------------------------------
     def _asked(self, prompt: Prompt) -> str:

@@ -73,7 +73,8 @@ def make_llm_classifier(
             max_length=max_length,
             separator=separator,
             labels=dict(labels),
-            base=None if method == "full" else asdict(sft_model.spec),
+            # absolute, so the classifier loads from any working directory
+            base=None if method == "full" else {**asdict(sft_model.spec), "path": str(Path(base.path).resolve())},
         )
         return SpanClassifier(model, tokenizer, settings)
 
@@ -101,7 +102,8 @@ def make_tiny_llm_classifier(
 
     def build(records: Sequence[ClsRecord], labels: Dict[str, str], seed: int) -> SpanClassifier:
         tokenizer = _char_tokenizer(records, labels)
-        shape = TinyModelConfig(arch, hidden, layers, heads, kv_heads, intermediate, max_length + 8, seed)
+        shape = TinyModelConfig(arch=arch, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
+                                intermediate=intermediate, max_positions=max_length + 8, seed=seed)
         model = build_tiny_model(tokenizer, shape)
         settings = ClassifierSettings("llm", "full", pooling, max_length, separator, dict(labels))
         return SpanClassifier(model, tokenizer, settings)

@@ -1,0 +1,234 @@
+"""``medllm_ner``: the generator. Prompts a local causal LM with an annotation strategy and
+writes the parsed *mentions* (not spans) to ``doc._.llm_mentions[<component name>]``;
+``medllm_align`` turns them into spans.
+
+The model is loaded lazily on first use, so a pipeline can be built, saved and loaded on a
+machine where the configured base path does not exist yet (``from_disk`` points it at the
+copy stored with the pipeline).
+"""
+import json
+import logging
+import shutil
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional
+
+from spacy.language import Language
+from spacy.tokens import Doc
+from spacy.util import ensure_path, minibatch
+
+from ..embedded import resolve_model_path
+from ..labels import LabelScheme
+from ..llm.generation import HFGenerator
+from ..llm.loader import LoadedLM, MedLLMLoadError, ModelSpec, default_adapter_name, load_lm
+from ..recognizer import Recognizer
+from ..strategies.base import Strategy
+
+logger = logging.getLogger("spacy_medllm")
+
+if not Doc.has_extension("llm_mentions"):
+    Doc.set_extension("llm_mentions", default=None)
+if not Doc.has_extension("llm_search_text"):
+    Doc.set_extension("llm_search_text", default=None)
+if not Doc.has_extension("llm_io"):
+    Doc.set_extension("llm_io", default=None)
+
+# A base model whose weights are smaller than this is copied into a saved pipeline when
+# ``copy_base`` is left on "auto"; larger ones are referenced by path.
+AUTO_COPY_LIMIT_BYTES = 200 * 1024 * 1024
+
+@Language.factory(
+    "medllm_ner",
+    default_config={
+        "model": {"@misc": "spacy_medllm.ModelSpec.v1", "path": "embedded"},
+        "adapter": None,
+        "strategy": {"@misc": "spacy_medllm.SymbolStrategy.v1"},
+        "labels": {"@misc": "spacy_medllm.LabelScheme.v1", "scheme": "cmeee"},
+        "batch_size": 16,
+        "max_new_tokens": 512,
+        "max_chars": 256,
+        "normalize": None,
+        "constrained": True,
+        "max_depth": 2,
+        "max_span_chars": 64,
+        "save_io": False,
+        "copy_base": "auto",
+    },
+)
+def make_medllm_ner(
+    nlp: Language,
+    name: str,
+    model: ModelSpec,
+    adapter: Optional[str],
+    strategy: Strategy,
+    labels: LabelScheme,
+    batch_size: int,
+    max_new_tokens: int,
+    max_chars: Optional[int],
+    normalize: Optional[str],
+    constrained: bool,
+    max_depth: int,
+    max_span_chars: int,
+    save_io: bool,
+    copy_base: Any,
+) -> "MedLLMNer":
+    """The generator. ``model``: where the base LM lives (``path = "embedded"`` is the tiny
+    CMeEE model shipped with the package); ``adapter``: a peft adapter directory; ``strategy``
+    and ``labels``: how to prompt and parse; ``max_chars``: shard longer texts at sentence ends;
+    ``normalize``: OpenCC configuration (e.g. "t2s") applied character by character;
+    ``constrained``: copy-constrained decoding for the symbol strategy; ``copy_base``: store
+    the base weights in a saved pipeline (true / false / "auto" = when smaller than 200 MB)."""
+    return MedLLMNer(
+        nlp,
+        name,
+        model=model,
+        adapter=adapter,
+        recognizer=Recognizer(
+            strategy,
+            labels,
+            max_chars=max_chars,
+            normalize=normalize,
+            constrained=constrained,
+            max_depth=max_depth,
+            max_span_chars=max_span_chars,
+            max_new_tokens=max_new_tokens,
+        ),
+        batch_size=batch_size,
+        save_io=save_io,
+        copy_base=copy_base,
+    )
+
+
+class MedLLMNer:
+    def __init__(
+        self,
+        nlp: Language,
+        name: str,
+        *,
+        model: ModelSpec,
+        adapter: Optional[str],
+        recognizer: Recognizer,
+        batch_size: int,
+        save_io: bool,
+        copy_base: Any,
+    ) -> None:
+        if copy_base not in (True, False, "auto"):
+            raise ValueError(f"copy_base must be true, false or \"auto\", not {copy_base!r}")
+        self.nlp = nlp
+        self.name = name
+        self.spec = model
+        self.adapter = adapter
+        self.recognizer = recognizer
+        self.batch_size = batch_size
+        self.save_io = save_io
+        self.copy_base = copy_base
+        self.stats: Counter = Counter()
+        self._lm: Optional[LoadedLM] = None
+        self._adapter_name: Optional[str] = None
+
+    # -- model ---------------------------------------------------------------------------
+    @property
+    def lm(self) -> LoadedLM:
+        """The loaded model (shared with every component configured with the same spec)."""
+        if self._lm is None:
+            spec = replace(self.spec, path=str(resolve_model_path(self.spec.path)))
+            lm = load_lm(spec)
+            if self.adapter is not None:
+                self._adapter_name = default_adapter_name(Path(self.adapter))
+                lm.add_adapter(self._adapter_name, self.adapter)
+            self._lm = lm
+        return self._lm
+
+    @property
+    def generator(self) -> HFGenerator:
+        return HFGenerator(self.lm, self._adapter_name)
+
+    # -- processing ----------------------------------------------------------------------
+    def __call__(self, doc: Doc) -> Doc:
+        return next(iter(self.pipe([doc])))
+
+    def pipe(self, stream: Iterable[Doc], *, batch_size: Optional[int] = None) -> Iterator[Doc]:
+        for docs in minibatch(stream, size=batch_size or self.batch_size):
+            yield from self._process(list(docs))
+
+    def _process(self, docs: List[Doc]) -> List[Doc]:
+        texts = [doc.text for doc in docs]
+        generator = self.generator
+        tokenizer = generator.tokenizer
+        jobs = self.recognizer.plan(texts, lambda prompt: prompt.chat_text(tokenizer))
+        results = generator.generate([job.request for job in jobs], batch_size=self.batch_size) if jobs else []
+        recognitions = self.recognizer.read(texts, jobs, results, save_io=self.save_io)
+        self.stats["prompts"] += len(jobs)
+        self.stats["forward_passes"] += sum(r.forward_passes for r in results)
+        for doc, rec in zip(docs, recognitions):
+            _mapping(doc, "llm_mentions")[self.name] = rec.mentions
+            if self.recognizer.normalize:
+                _mapping(doc, "llm_search_text")[self.name] = self.recognizer.search_text(doc.text)
+            if self.save_io:
+                _mapping(doc, "llm_io")[self.name] = rec.io
+            self.stats["mentions"] += len(rec.mentions)
+            for reason, n in rec.discarded.items():
+                self.stats[f"discarded_{reason}"] += n
+            if rec.discarded:
+                logger.info("%s: discarded parts of responses for a doc: %s", self.name, dict(rec.discarded))
+        return docs
+
+    # -- serialization -------------------------------------------------------------------
+    def to_disk(self, path, *, exclude=tuple()) -> None:
+        """Store the adapter (and the base weights when ``copy_base`` says so) beside a
+        ``cfg`` that records what was stored."""
+        path = ensure_path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        base = resolve_model_path(self.spec.path)
+        cfg: Dict[str, Any] = {"base_path": str(base), "base_copied": False, "adapter_copied": False}
+        if self._should_copy_base(base):
+            _copy_dir(base, path / "model")
+            cfg["base_copied"] = True
+        if self.adapter is not None:
+            _copy_dir(Path(self.adapter), path / "adapter")
+            cfg["adapter_copied"] = True
+        (path / "cfg").write_text(json.dumps(cfg, indent=2), encoding="utf8")
+
+    def from_disk(self, path, *, exclude=tuple()) -> "MedLLMNer":
+        path = ensure_path(path)
+        cfg = json.loads((path / "cfg").read_text(encoding="utf8"))
+        if cfg["base_copied"]:
+            self.spec = replace(self.spec, path=str(path / "model"))
+        elif not Path(cfg["base_path"]).exists() and not Path(self.spec.path).exists():
+            logger.warning(
+                "%s: the base model was saved by reference (%s) and is not on this machine; "
+                "set [components.%s.model] path before running the pipeline.",
+                self.name, cfg["base_path"], self.name,
+            )
+        if cfg["adapter_copied"]:
+            self.adapter = str(path / "adapter")
+        self._lm = None
+        return self
+
+    def _should_copy_base(self, base: Path) -> bool:
+        if self.copy_base == "auto":
+            return _weights_size(base) < AUTO_COPY_LIMIT_BYTES
+        return bool(self.copy_base)
+
+
+def _mapping(doc: Doc, extension: str) -> Dict[str, Any]:
+    value = getattr(doc._, extension)
+    if value is None:
+        value = {}
+        setattr(doc._, extension, value)
+    return value
+
+
+def _weights_size(path: Path) -> int:
+    if not path.is_dir():
+        raise MedLLMLoadError(f"The base model directory {path} does not exist, so it cannot be saved.")
+    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
+
+
+def _copy_dir(src: Path, dst: Path) -> None:
+    if src.resolve() == dst.resolve():
+        return
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)

@@ -1,0 +1,100 @@
+"""Our NER as a spacy-llm task: ``@llm_tasks = "spacy_medllm.NERTask.v1"``.
+
+With ``spacy_medllm.HFCausalLM.v1`` as the model, spacy-llm's own ``llm`` component runs any
+of our annotation strategies on a local fine-tuned checkpoint. Each doc's prompts (one per
+type for per-label strategies, per sentence shard for long texts) go to the model as one
+group; the symbol strategy's prompts carry the copy constraint, which our model honours.
+Responses are parsed by the same :class:`~spacy_medllm.recognizer.Recognizer` and aligned by
+the same aligner as the ``medllm_ner`` → ``medllm_align`` pipeline.
+"""
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+from spacy.tokens import Doc
+from spacy.training import Example
+from spacy_llm.registry import registry
+
+from .. import DEFAULT_SPANS_KEY
+from ..components.align import MedLLMAlign
+from ..labels import LabelScheme
+from ..recognizer import Recognizer
+from ..strategies.base import Strategy
+from .generation import GenerationRequest
+
+
+class MedLLMNERTask:
+    """Prompts and parsing of the generator, for spacy-llm.
+
+    Prompts are :class:`GenerationRequest`s whose prompt is the chat messages list, so the
+    model applies its own chat template. Parsing re-plans the doc's prompts (cheap and
+    deterministic) instead of keeping state between the two calls.
+    """
+
+    def __init__(self, recognizer: Recognizer, aligner: MedLLMAlign) -> None:
+        self.recognizer = recognizer
+        self.aligner = aligner
+
+    def generate_prompts(
+        self, docs: Iterable[Doc], context_length: Optional[int] = None
+    ) -> Iterable[Tuple[Iterable[GenerationRequest], Iterable[Doc]]]:
+        for doc in docs:
+            yield [job.request for job in self._plan(doc)], [doc]
+
+    def parse_responses(self, shards: Iterable[Iterable[Doc]], responses: Iterable[Iterable[Any]]) -> Iterable[Doc]:
+        for doc_shards, doc_responses in zip(shards, responses):
+            doc = list(doc_shards)[0]
+            jobs = self._plan(doc)
+            recognition = self.recognizer.read([doc.text], jobs, list(doc_responses))[0]
+            doc._.llm_mentions = {self.aligner.name: recognition.mentions}
+            if self.recognizer.normalize:
+                doc._.llm_search_text = {self.aligner.name: self.recognizer.search_text(doc.text)}
+            yield self.aligner(doc)
+
+    def scorer(self, examples: Iterable[Example]) -> Dict[str, Any]:
+        return self.aligner.score(examples)
+
+    def _plan(self, doc: Doc):
+        return self.recognizer.plan([doc.text], lambda prompt: prompt.messages())
+
+
+@registry.llm_tasks("spacy_medllm.NERTask.v1")
+def make_ner_task(
+    strategy: Strategy,
+    labels: LabelScheme,
+    spans_key: str = DEFAULT_SPANS_KEY,
+    max_chars: Optional[int] = 256,
+    normalize: Optional[str] = None,
+    constrained: bool = True,
+    max_depth: int = 2,
+    max_span_chars: int = 64,
+    max_new_tokens: int = 512,
+    search: str = "nearest",
+    alignment_mode: str = "strict",
+    flat_policy: Optional[str] = "longest",
+    scorer: Optional[Callable] = None,
+) -> MedLLMNERTask:
+    """The generator + aligner of ``medllm_ner``/``medllm_align`` as one spacy-llm task; the
+    arguments mean what they mean on those components."""
+    recognizer = Recognizer(
+        strategy,
+        labels,
+        max_chars=max_chars,
+        normalize=normalize,
+        constrained=constrained,
+        max_depth=max_depth,
+        max_span_chars=max_span_chars,
+        max_new_tokens=max_new_tokens,
+    )
+    if scorer is None:
+        from ..scoring import make_span_scorer
+
+        scorer = make_span_scorer(spans_key=spans_key)
+    aligner = MedLLMAlign(
+        "llm",
+        sources=None,
+        spans_key=spans_key,
+        search=search,
+        alignment_mode=alignment_mode,
+        flat_policy=flat_policy,
+        scorer=scorer,
+    )
+    return MedLLMNERTask(recognizer, aligner)
