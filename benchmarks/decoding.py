@@ -53,7 +53,12 @@ def load_model(path):
 
         lm = load_lm(ModelSpec(path=str(path), device="cpu"))
         return lm.model.eval(), lm.tokenizer, f"checkpoint {path}"
-    from spacy_medllm.llm.tiny import TinyModelConfig, build_char_tokenizer, build_tiny_model, read_corpus_text
+    from spacy_medllm.llm.tiny import (
+        TinyModelConfig,
+        build_char_tokenizer,
+        build_tiny_model,
+        read_corpus_text,
+    )
 
     tokenizer = build_char_tokenizer(read_corpus_text(sorted((ROOT / "assets").glob("cmeee_*.json"))))
     config = TinyModelConfig()
@@ -153,10 +158,10 @@ def aligned_share(strategy, rows, texts):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sentences", type=int, default=6, help="CMeEE dev sentences (9 prompts each)")
+    parser.add_argument("--sentences", type=int, default=4, help="CMeEE dev sentences (9 prompts each)")
     parser.add_argument("--model", default=None, help="trained checkpoint directory (default: random tiny)")
     parser.add_argument("--template", default=None, help="prompt template the checkpoint was trained with")
-    parser.add_argument("--batch-sentences", type=int, default=3, help="sentences per batch, all modes")
+    parser.add_argument("--batch-sentences", type=int, default=2, help="sentences per batch, all modes")
     parser.add_argument("--max-draft", type=int, default=64, help="draft tokens per speculative pass")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--max-chars", type=int, default=120, help="skip longer sentences")

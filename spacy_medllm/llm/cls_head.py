@@ -32,19 +32,19 @@ A saved classifier is a directory::
     adapter/            the LoRA adapter (mode "lora"), or
     model/              the full backbone weights (mode "full": tiny LLM, encoder)
 """
-import hashlib
 import json
 import shutil
 import tempfile
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .loader import LoadedLM, MedLLMLoadError, ModelSpec, load_lm
+from ..embedded import resolve_model_path
+from .loader import LoadedLM, MedLLMLoadError, ModelSpec, default_adapter_name, load_lm
 
 MARKERS = ("<ent>", "</ent>")
 KINDS = ("llm", "encoder")
@@ -290,13 +290,6 @@ class SpanClassifier(nn.Module):
         self.extra_embeddings.data = tensors["extra_embeddings"].to(device)
 
 
-def adapter_name_for(path: Union[str, Path]) -> str:
-    """A peft adapter name unique to a classifier directory (two filters on one base get
-    two adapters; the same directory loaded twice gets one)."""
-    digest = hashlib.sha1(str(Path(path).expanduser().resolve()).encode("utf8")).hexdigest()[:12]
-    return f"medllm_cls_{digest}"
-
-
 def read_settings(path: Union[str, Path]) -> ClassifierSettings:
     path = Path(path)
     config_file = path / CONFIG_FILE
@@ -311,7 +304,8 @@ def read_settings(path: Union[str, Path]) -> ClassifierSettings:
 def load_classifier(path: Union[str, Path], base: Optional[ModelSpec] = None) -> SpanClassifier:
     """Load a saved classifier. For mode ``lora`` the base comes from the shared loader
     (``base`` overrides the saved spec, e.g. to share the generator's copy or because the
-    base moved) and the adapter is added to it under :func:`adapter_name_for`."""
+    base moved; ``"embedded"`` is the shipped tiny model) and the adapter is added to it
+    under the loader's :func:`default_adapter_name` of the adapter directory."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -320,8 +314,8 @@ def load_classifier(path: Union[str, Path], base: Optional[ModelSpec] = None) ->
     lm, adapter = None, None
     if settings.mode == "lora":
         spec = base if base is not None else ModelSpec(**settings.base)
-        lm = load_lm(spec)
-        adapter = adapter_name_for(path)
+        lm = load_lm(replace(spec, path=str(resolve_model_path(spec.path))))
+        adapter = default_adapter_name(path / "adapter")
         lm.add_adapter(adapter, str(path / "adapter"))
         model = lm.model
     else:

@@ -42,18 +42,18 @@ from functools import lru_cache
 from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 __all__ = [
-    "CopyConstraint",
     "CopyAutomaton",
-    "VocabIndex",
-    "vocab_index",
+    "CopyConstraint",
     "DecodeStats",
-    "as_copy_constraint",
     "DecodedRow",
+    "VocabIndex",
+    "as_copy_constraint",
+    "count_forward_passes",
     "decode_constrained",
     "generate_constrained",
     "generate_prompt_lookup",
     "shared_prefix_groups",
-    "count_forward_passes",
+    "vocab_index",
 ]
 
 
@@ -848,13 +848,15 @@ def generate_prompt_lookup(lm, requests: Sequence, adapter: Optional[str] = None
 
 @contextmanager
 def count_forward_passes(model) -> Iterator[List[int]]:
-    """Count calls of ``model``'s forward (a one-element list, updated in place)."""
+    """Count forward calls of ``model`` (a one-element list, updated in place). A peft
+    model is counted at its base model, which every path (forward, generate) reaches."""
     counter = [0]
 
     def hook(*_):
         counter[0] += 1
 
-    handle = model.register_forward_pre_hook(hook)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    handle = base.register_forward_pre_hook(hook)
     try:
         yield counter
     finally:

@@ -25,7 +25,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -33,6 +33,7 @@ import srsly
 from spacy.util import registry
 from wasabi import msg
 
+from ..embedded import EMBEDDED, resolve_model_path
 from ..llm.cls_head import ClassifierSettings, SpanClassifier
 from ..llm.loader import ModelSpec
 from ..llm.tiny import TinyModelConfig, build_char_tokenizer, build_tiny_model
@@ -62,7 +63,10 @@ def make_llm_classifier(
 ) -> ClassifierBuilder:
     """A classifier on the causal LM ``base``; ``method``: ``lora``, ``qlora`` (4-bit
     base) or ``full``."""
-    sft_model = SFTModel(base=base, method=method, lora=lora, chat_template=_NO_CHAT)
+    local = replace(base, path=str(resolve_model_path(base.path).resolve()))
+    sft_model = SFTModel(base=local, method=method, lora=lora, chat_template=_NO_CHAT)
+    # saved with the classifier: "embedded" stays portable, any other path is made absolute
+    saved_path = base.path if base.path == EMBEDDED else local.path
 
     def build(records: Sequence[ClsRecord], labels: Dict[str, str], seed: int) -> SpanClassifier:
         model, tokenizer = load_for_training(sft_model, seed)
@@ -73,8 +77,7 @@ def make_llm_classifier(
             max_length=max_length,
             separator=separator,
             labels=dict(labels),
-            # absolute, so the classifier loads from any working directory
-            base=None if method == "full" else {**asdict(sft_model.spec), "path": str(Path(base.path).resolve())},
+            base=None if method == "full" else {**asdict(sft_model.spec), "path": saved_path},
         )
         return SpanClassifier(model, tokenizer, settings)
 

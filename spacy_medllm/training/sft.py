@@ -326,7 +326,9 @@ def train_sft(
     import torch
     from tqdm import tqdm
     from transformers import get_cosine_schedule_with_warmup
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # per-save "Writing model shards" bars drown the log
     start_time = time.perf_counter()
     output_dir = Path(output_dir)
     if config.num_threads > 0:

@@ -1,0 +1,55 @@
+"""Every registered name and factory is reachable through an entry point, so a saved or
+packaged pipeline loads with ``spacy.load`` without importing spacy_medllm first."""
+import importlib
+import pkgutil
+from importlib.metadata import entry_points
+
+import catalogue
+import spacy_medllm
+
+GROUPS = {
+    "spacy_misc": ("spacy", "misc"),
+    "spacy_readers": ("spacy", "readers"),
+    "spacy_scorers": ("spacy", "scorers"),
+    "spacy_tokenizers": ("spacy", "tokenizers"),
+    "thinc_llm_models": ("thinc", "llm_models"),
+    "thinc_llm_tasks": ("thinc", "llm_tasks"),
+}
+
+
+def _import_all_modules():
+    for info in pkgutil.walk_packages(spacy_medllm.__path__, prefix="spacy_medllm."):
+        importlib.import_module(info.name)
+
+
+def _declared(group):
+    return {ep.name: ep.value for ep in entry_points(group=group)}
+
+
+def test_every_registered_function_has_an_entry_point():
+    _import_all_modules()
+    registries = catalogue.REGISTRY
+    for group, namespace in GROUPS.items():
+        registered = {key[-1] for key in registries if key[:-1] == namespace and key[-1].startswith("spacy_medllm.")}
+        declared = {name for name in _declared(group) if name.startswith("spacy_medllm.")}
+        assert registered - declared == set(), f"{group}: registered but not declared"
+        assert declared - registered == set(), f"{group}: declared but not registered"
+
+
+def test_every_factory_has_an_entry_point_that_resolves():
+    _import_all_modules()
+    from spacy.language import Language
+
+    ours = {name for name in Language.factories if name.startswith("medllm_")}
+    declared = _declared("spacy_factories")
+    assert ours == {name for name in declared if name.startswith("medllm_")}
+    for ep in entry_points(group="spacy_factories"):
+        if ep.name.startswith("medllm_"):
+            assert callable(ep.load())
+
+
+def test_cli_entry_point_mounts_the_command_group():
+    (cli,) = [ep for ep in entry_points(group="spacy_cli") if ep.value.startswith("spacy_medllm")]
+    app = cli.load()
+    names = {c.name for c in app.registered_commands}
+    assert {"convert", "errors", "build-instructions", "init-tiny", "train-llm", "exemplars"} <= names
