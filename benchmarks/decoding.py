@@ -78,7 +78,7 @@ def build_rows(texts, tokenizer, template=None):
         for prompt in strategy.prompts(text, scheme):
             ids = tokenizer(prompt.chat_text(tokenizer), add_special_tokens=False).input_ids
             constraint = as_copy_constraint(strategy.copy_constraint(text, prompt))
-            rows.append(dict(text=text, prompt=prompt, ids=ids, constraint=constraint))
+            rows.append({"text": text, "prompt": prompt, "ids": ids, "constraint": constraint})
     return strategy, rows
 
 
@@ -98,16 +98,16 @@ def run_constrained(model, tokenizer, rows, eos, batch_rows, **options):
         )
     seconds = time.perf_counter() - start
     assert calls[0] == stats.forward_passes
-    return dict(
-        tokens=[o.token_ids for o in out],
-        texts=[o.text for o in out],
-        calls=calls[0],
-        row_passes=sum(o.forward_passes for o in out),
-        generated=stats.generated_tokens,
-        seconds=seconds,
-        accepted=stats.accepted_tokens,
-        drafted=stats.draft_tokens,
-    )
+    return {
+        "tokens": [o.token_ids for o in out],
+        "texts": [o.text for o in out],
+        "calls": calls[0],
+        "row_passes": sum(o.forward_passes for o in out),
+        "generated": stats.generated_tokens,
+        "seconds": seconds,
+        "accepted": stats.accepted_tokens,
+        "drafted": stats.draft_tokens,
+    }
 
 
 def run_plain(model, tokenizer, rows, eos, batch_rows, budgets, forced):
@@ -143,17 +143,18 @@ def run_plain(model, tokenizer, rows, eos, batch_rows, budgets, forced):
             generated += n
             row_passes += n
             texts.append(tokenizer.decode(new[: ends[0]] if ends else new, skip_special_tokens=True))
-    return dict(texts=texts, calls=calls_total, row_passes=row_passes, generated=generated, seconds=seconds)
+    return {"texts": texts, "calls": calls_total, "row_passes": row_passes, "generated": generated, "seconds": seconds}
 
 
 def aligned_share(strategy, rows, texts):
-    """Parsed (exactly aligned) mentions over bracket pairs stated in the responses."""
+    """Parsed (exactly aligned) mentions over bracket pairs stated in the responses; None
+    when no response states any."""
     stated = found = 0
     for row, response in zip(rows, texts):
         result = strategy.parse(row["text"], response, row["prompt"])
         stated += max(response.count("["), response.count("]"))
         found += len(result.mentions)
-    return (found / stated if stated else None), stated
+    return found / stated if stated else None
 
 
 def main():
@@ -225,15 +226,14 @@ def main():
     shares = {}
     for key in "abcd":
         r = results[key]
-        share, stated = aligned_share(strategy, rows, r["texts"])
-        shares[key] = share
+        share = aligned_share(strategy, rows, r["texts"])
+        shares[key] = "n/a" if share is None else f"{share:.3f}"
         same = "-" if key in "ab" else str(r["tokens"] == results["b"]["tokens"]).lower()
-        share_text = "n/a" if share is None else f"{share:.3f}"
         print(
             f"{names[key]:<24}{r['calls'] / n:>11.1f}{r['row_passes'] / n:>14.1f}{r['generated'] / n:>13.1f}"
             f"{r['seconds'] / n:>8.3f}{n / r['seconds']:>8.2f}{a['calls'] / r['calls']:>10.2f}"
             f"{a['row_passes'] / r['row_passes']:>12.2f}{a['seconds'] / r['seconds']:>9.2f}{same:>10}"
-            f"{share_text:>9}"
+            f"{shares[key]:>9}"
         )
     for key in "cd":
         r = results[key]
@@ -241,7 +241,7 @@ def main():
     d = results["d"]
     print(
         f"passes_ratio={a['calls'] / d['calls']:.2f} wall_ratio={a['seconds'] / d['seconds']:.2f} "
-        f"identical={str(identical).lower()} aligned={shares['d'] if shares['d'] is None else format(shares['d'], '.3f')}"
+        f"identical={str(identical).lower()} aligned={shares['d']}"
     )
 
 

@@ -27,7 +27,7 @@ from spacy_medllm.llm.tiny import (  # noqa: E402
 )
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-SMALL = dict(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64)
+SMALL = {"hidden": 32, "layers": 2, "heads": 2, "kv_heads": 1, "intermediate": 64}
 
 
 def _sentences(n=3):
@@ -285,7 +285,9 @@ def test_generator_runtime_symbol_requests_and_prompt_lookup(tmp_path, char_tok)
         texts = _sentences(2)
         prompts = [(text, p) for text in texts for p in strategy.prompts(text, scheme)[:3]]
         requests = [
-            GenerationRequest(prompt=p.chat_text(char_tok), max_new_tokens=400, constraint=strategy.copy_constraint(text, p))
+            GenerationRequest(
+                prompt=p.chat_text(char_tok), max_new_tokens=400, constraint=strategy.copy_constraint(text, p)
+            )
             for text, p in prompts
         ]
         results = generator.generate(requests, batch_size=8)

@@ -49,7 +49,7 @@ def make_strategy(
         retriever = TfidfRetriever(path=str(demos), spans_key=spans_key)
         return InContextStrategy(make_strategy(base), retriever, k=k)
     registered = STRATEGIES.get(name.replace("-", "_"), name)
-    if not registry.misc.has(registered):
+    if registered not in registry.misc:
         raise ValueError(f"Unknown strategy {name!r}; choose one of {', '.join([*STRATEGIES, 'incontext'])} or a registered name")
     return registry.misc.get(registered)()
 

@@ -536,7 +536,7 @@ def _allowed(index: VocabIndex, automaton: CopyAutomaton, configs: Configs, eos_
     if allowed is None:
         allowed = index.allowed(automaton, configs)
         if automaton.can_end(configs):
-            allowed.update({eos: DONE for eos in eos_ids})
+            allowed.update(dict.fromkeys(eos_ids, DONE))
         automaton.allowed_cache[configs] = allowed
     return allowed
 
@@ -625,8 +625,10 @@ def _decode_batch(model, tokenizer, index, prompts, constraints, max_new, eos_id
                     continue
                 break
             stats.accepted_tokens += accepted
-            # Adapt the draft to how far the model follows the source (only costs compute).
-            row.draft_len = min(max_draft, max(MIN_DRAFT, 2 * (accepted + 1)))
+            # Adapt the draft to how far the model follows the source (it only costs
+            # compute): twice the accepted run, shrinking at most by half per pass, so one
+            # bracket does not cut the draft of a model that otherwise copies.
+            row.draft_len = min(max_draft, max(MIN_DRAFT, 2 * (accepted + 1), row.draft_len // 2))
             if not row.done:
                 keep_rows.append(r)
                 kept_new.append(len(row.pending) + accepted)
@@ -694,7 +696,8 @@ def decode_constrained(
         if max_new[r] <= 0:
             results[r] = DecodedRow(text="", token_ids=[], logprobs=[], forward_passes=0, finished=False)
     with torch.inference_mode():
-        for batch in _batches([prompts[r] for r in todo], [constraints[r].source for r in todo], batch_size, share_prefix):
+        sources = [constraints[r].source for r in todo]
+        for batch in _batches([prompts[r] for r in todo], sources, batch_size, share_prefix):
             members = [todo[k] for k in batch]
             start = time.perf_counter()
             rows = _decode_batch(
