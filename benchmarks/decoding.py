@@ -14,16 +14,23 @@ decodes them four ways, each in batches of K sentences (9K rows):
 ``--model DIR`` loads a trained checkpoint (e.g. the tiny model fine-tuned by
 ``train-llm``; pass the prompt template it was trained with, e.g.
 ``--template configs/templates/symbol_tiny.zh.jinja``); without it a random tiny
-character-level Qwen2 is built and the builtin symbol prompts are used. A random model
-stops whenever it likes, so for (a) ``min_new_tokens = max_new_tokens`` = the longest
-constrained answer of the batch: plain greedy then produces as many tokens as the
-constrained answers need. With a checkpoint (a) gets ``max_new_tokens = len(prefix) +
-2*len(source) + 8`` and stops at EOS. Passes are counted with a forward pre-hook on the
-model: "calls" are model invocations (a batched call counts once), "row passes" count
-each call once per row in it while that row is unfinished (the
-``GenerationResult.forward_passes`` of the runtime). Torch threads are set explicitly
-(``--threads``, default 1) so numbers do not depend on what else runs on the machine's
-cores. The last line is machine-readable:
+character-level Qwen2 is built (``--hidden``/``--layers``). Under the constraint a random
+model puts a bracket wherever one is legal about half of the time, so the draft is
+rejected every few tokens: the worst case for speculation. ``--overfit-steps K`` first
+trains the model on the gold answers of the benchmark's own sentences, a stand-in for a
+well fine-tuned model that copies and brackets only entities (a speed measurement, not a
+quality one; it takes minutes, beyond the two-minute default run).
+
+A random model stops whenever it likes, so without a trained model (a) gets
+``min_new_tokens = max_new_tokens`` = the longest constrained answer of the batch: plain
+greedy then produces as many tokens as the constrained answers need. With a trained
+model (a) gets ``max_new_tokens = len(prefix) + 2*len(source) + 8`` and stops at EOS.
+
+Passes are counted with a forward pre-hook on the model: "calls" are model invocations (a
+batched call counts once), "row passes" count each call once per row in it while that
+row is unfinished (the ``GenerationResult.forward_passes`` of the runtime). Torch threads
+are set explicitly (``--threads``, default 1; the machine's 2 cores are shared). The last
+line is machine-readable:
 ``passes_ratio=<a/d model calls> wall_ratio=<a/d> identical=<b==c==d> aligned=<share of (d)>``.
 """
 import argparse
@@ -46,7 +53,7 @@ from spacy_medllm.llm.constrained import (  # noqa: E402
 )
 
 
-def load_model(path):
+def load_model(path, hidden=256, layers=4):
     """A trained checkpoint (``path``) or a random tiny char-level Qwen2 built here."""
     if path:
         from spacy_medllm.llm.loader import ModelSpec, load_lm
@@ -61,25 +68,62 @@ def load_model(path):
     )
 
     tokenizer = build_char_tokenizer(read_corpus_text(sorted((ROOT / "assets").glob("cmeee_*.json"))))
-    config = TinyModelConfig()
+    config = TinyModelConfig(hidden=hidden, layers=layers, intermediate=2 * hidden)
     model = build_tiny_model(tokenizer, config).eval()
     n = sum(p.numel() for p in model.parameters())
     return model, tokenizer, f"random tiny char-level Qwen2 ({n / 1e6:.1f}M parameters, {config})"
 
 
-def build_rows(texts, tokenizer, template=None):
-    """Per sentence the 9 symbol prompts (type last), token ids and constraints."""
+def build_rows(examples, tokenizer, template=None):
+    """Per sentence the 9 symbol prompts (type last), token ids, constraints, gold answers."""
     from spacy_medllm.labels import get_scheme
     from spacy_medllm.strategies.symbol import SymbolStrategy
+    from spacy_medllm.types import Mention
 
     strategy, scheme = SymbolStrategy(template=template), get_scheme("cmeee")
     rows = []
-    for text in texts:
+    for eg in examples:
+        text = eg["text"]
+        gold = [
+            Mention(e["type"], e["entity"], e["start_idx"], e["end_idx"] + 1)
+            for e in eg["entities"]
+            if e["start_idx"] <= e["end_idx"] and text[e["start_idx"] : e["end_idx"] + 1] == e["entity"]
+        ]
         for prompt in strategy.prompts(text, scheme):
             ids = tokenizer(prompt.chat_text(tokenizer), add_special_tokens=False).input_ids
             constraint = as_copy_constraint(strategy.copy_constraint(text, prompt))
-            rows.append({"text": text, "prompt": prompt, "ids": ids, "constraint": constraint})
+            answer = strategy.render_target(text, gold, prompt)
+            rows.append({"text": text, "prompt": prompt, "ids": ids, "constraint": constraint, "gold": answer})
     return strategy, rows
+
+
+def overfit(model, tokenizer, rows, eos, steps, lr=3e-3):
+    """Train ``model`` on the gold answers of the benchmark's own prompts (full batch,
+    AdamW): a stand-in for a well fine-tuned model, one that copies the sentence and
+    brackets the entities, so that speculation is measured where it matters. Not a
+    quality measurement: the model has seen these very answers."""
+    batch = []
+    for r in rows:
+        answer = tokenizer(r["gold"], add_special_tokens=False).input_ids + [eos[0]]
+        batch.append((r["ids"], answer))
+    width = max(len(p) + len(a) for p, a in batch)
+    ids = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), -100)
+    mask = torch.zeros_like(ids)
+    for k, (p, a) in enumerate(batch):
+        ids[k, : len(p) + len(a)] = torch.tensor(p + a)
+        mask[k, : len(p) + len(a)] = 1
+        labels[k, len(p) : len(p) + len(a)] = torch.tensor(a)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return float(loss), time.perf_counter() - start
 
 
 def run_constrained(model, tokenizer, rows, eos, batch_rows, **options):
@@ -165,17 +209,30 @@ def main():
     parser.add_argument("--batch-sentences", type=int, default=2, help="sentences per batch, all modes")
     parser.add_argument("--max-draft", type=int, default=64, help="draft tokens per speculative pass")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per mode; the fastest wall time counts")
     parser.add_argument("--max-chars", type=int, default=120, help="skip longer sentences")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size of the random tiny model")
+    parser.add_argument("--layers", type=int, default=4, help="layers of the random tiny model")
+    parser.add_argument(
+        "--overfit-steps", type=int, default=0, help="first train the model on these sentences' gold answers"
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    model, tokenizer, described = load_model(args.model)
+    model, tokenizer, described = load_model(args.model, args.hidden, args.layers)
     data = json.loads((ROOT / "assets" / "cmeee_dev.json").read_text(encoding="utf8"))
-    texts = [d["text"] for d in data if 0 < len(d["text"]) <= args.max_chars][: args.sentences]
-    strategy, rows = build_rows(texts, tokenizer, args.template)
+    examples = [d for d in data if 0 < len(d["text"]) <= args.max_chars][: args.sentences]
+    texts = [eg["text"] for eg in examples]
+    strategy, rows = build_rows(examples, tokenizer, args.template)
     from spacy_medllm.llm.generation import stop_token_ids
 
     eos = stop_token_ids(tokenizer, model)
+    if args.overfit_steps:
+        loss, seconds = overfit(model, tokenizer, rows, eos, args.overfit_steps)
+        described += (
+            f", then overfit on these sentences' gold answers ({args.overfit_steps} steps, {seconds:.0f} s, "
+            f"final loss {loss:.4f})"
+        )
     batch_rows = 9 * args.batch_sentences
     n = len(texts)
     print(f"model: {described}")
@@ -189,19 +246,28 @@ def main():
     with torch.inference_mode():
         model.generate(input_ids=torch.tensor([rows[0]["ids"]]), max_new_tokens=2, do_sample=False, pad_token_id=eos[0])
 
-    results = {}
-    results["b"] = run_constrained(model, tokenizer, rows, eos, batch_rows, speculative=False, share_prefix=False)
-    results["c"] = run_constrained(
-        model, tokenizer, rows, eos, batch_rows, speculative=True, share_prefix=False, max_draft=args.max_draft
-    )
-    results["d"] = run_constrained(
-        model, tokenizer, rows, eos, batch_rows, speculative=True, share_prefix=True, max_draft=args.max_draft
-    )
-    if args.model:
+    trained = bool(args.model or args.overfit_steps)
+    modes = {
+        "b": lambda: run_constrained(model, tokenizer, rows, eos, batch_rows, speculative=False, share_prefix=False),
+        "c": lambda: run_constrained(
+            model, tokenizer, rows, eos, batch_rows, speculative=True, share_prefix=False, max_draft=args.max_draft
+        ),
+        "d": lambda: run_constrained(
+            model, tokenizer, rows, eos, batch_rows, speculative=True, share_prefix=True, max_draft=args.max_draft
+        ),
+    }
+    results = {key: modes[key]() for key in "bcd"}
+    if trained:
         budgets = [len(r["constraint"].forced_prefix) + 2 * len(r["text"]) + 8 for r in rows]
     else:
         budgets = [len(t) for t in results["b"]["tokens"]]
-    results["a"] = run_plain(model, tokenizer, rows, eos, batch_rows, budgets, forced=not args.model)
+    modes["a"] = lambda: run_plain(model, tokenizer, rows, eos, batch_rows, budgets, forced=not trained)
+    results["a"] = modes["a"]()
+    # Repeats (round-robin over the modes) keep each mode's fastest wall time: the
+    # machine is shared, and the slowest runs measure the neighbours, not the decoder.
+    for _ in range(args.repeat - 1):
+        for key in "abcd":
+            results[key]["seconds"] = min(results[key]["seconds"], modes[key]()["seconds"])
 
     identical = results["b"]["tokens"] == results["c"]["tokens"] == results["d"]["tokens"]
     for r in results["b"]["texts"], results["c"]["texts"], results["d"]["texts"]:

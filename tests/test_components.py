@@ -316,3 +316,22 @@ def test_spacy_llm_component_with_our_model_and_task(tiny_dirs):
     for text in SENTENCES[:2]:
         assert span_tuples(nlp(text)) == span_tuples(ours(text))
     assert isinstance(GenerationRequest(prompt="x"), GenerationRequest)
+
+
+def test_custom_template_is_stored_with_the_pipeline(tiny_dirs, tmp_path):
+    template = tmp_path / "short.zh.jinja"
+    template.write_text(
+        "{% macro system() %}{% endmacro %}{% macro instruction() %}{% endmacro %}"
+        "{% macro query() %}\n{{ text }}\n{{ label.name }}\n{% endmacro %}",
+        encoding="utf8",
+    )
+    nlp = make_pipeline(
+        tiny_dirs["qwen2"], strategy={"@misc": "spacy_medllm.SymbolStrategy.v1", "template": str(template)}, save_io=True
+    )
+    before = nlp(SENTENCES[1])
+    assert before._.llm_io["medllm_ner"][0]["prompt"].count(SENTENCES[1]) == 1
+    nlp.to_disk(tmp_path / "pipe")
+    template.unlink()
+    after = spacy.load(tmp_path / "pipe")(SENTENCES[1])
+    assert [r["prompt"] for r in after._.llm_io["medllm_ner"]] == [r["prompt"] for r in before._.llm_io["medllm_ner"]]
+    assert span_tuples(after) == span_tuples(before)

@@ -213,6 +213,21 @@ def test_shared_prefix_equals_separate_prompts(char_tok):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-9)
     # two extra passes (instruction once, then each sentence once) instead of 9 full prompts
     assert s_stats.forward_passes <= p_stats.forward_passes + 2
+    assert s_stats.prompt_tokens == p_stats.prompt_tokens
+
+
+def test_shared_prefix_when_groups_share_only_the_common_prefix(char_tok):
+    """Texts after the type: each group's shared part is the common prefix itself."""
+    model = _model(char_tok, "qwen2", 6)
+    texts = _sentences(2)
+    prompts, constraints = [], []
+    for text in texts:
+        for label in ("疾病", "症状"):
+            prompts.append(char_tok(f"标注实体。类型：{label}\n句子：{text}", add_special_tokens=False).input_ids)
+            constraints.append(CopyConstraint(source=text, forced_prefix=label + "："))
+    plain, _ = _decode(model, char_tok, prompts, constraints, share_prefix=False)
+    shared, _ = _decode(model, char_tok, prompts, constraints, share_prefix=True)
+    assert [r.token_ids for r in shared] == [r.token_ids for r in plain]
 
 
 def test_shared_prefix_groups():

@@ -103,7 +103,7 @@ def build_instructions_cli(
     output_dir: Path = Arg(..., help="Output directory"),
     strategy: str = Opt("symbol", "--strategy", "-s", help="symbol, json, html, index, mark, entity_category, incontext, or a registered name"),
     scheme: str = Opt("cmeee", "--scheme", help="Builtin label scheme (cmeee, ccks2019, rocling, ncbi, bc5cdr, bc2gm) or a JSON file"),
-    spans_key: str = Opt(DEFAULT_SPANS_KEY, "--spans-key", "-k", help="doc.spans key of the gold entities"),
+    spans_key: str = Opt(DEFAULT_SPANS_KEY, "--spans-key", "-sk", help="doc.spans key of the gold entities"),
     tokenizer_path: Optional[Path] = Opt(None, "--tokenizer", "-t", help="Local Hugging Face tokenizer: count tokens through its chat template"),
     demos: Optional[Path] = Opt(None, "--demos", help="incontext: .spacy file to retrieve demonstrations from"),
     base: str = Opt("json", "--base", help="incontext: the strategy that gives the answer format"),

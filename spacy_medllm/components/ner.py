@@ -37,6 +37,8 @@ if not Doc.has_extension("llm_io"):
 # A base model whose weights are smaller than this is copied into a saved pipeline when
 # ``copy_base`` is left on "auto"; larger ones are referenced by path.
 AUTO_COPY_LIMIT_BYTES = 200 * 1024 * 1024
+# A custom prompt template is stored with the pipeline under this name.
+TEMPLATE_FILE = "template.jinja"
 
 @Language.factory(
     "medllm_ner",
@@ -188,6 +190,10 @@ class MedLLMNer:
         if self.adapter is not None:
             _copy_dir(Path(self.adapter), path / "adapter")
             cfg["adapter_copied"] = True
+        template = getattr(self.recognizer.strategy, "template", None)
+        if template:
+            _copy_file(Path(template), path / TEMPLATE_FILE)
+            cfg["template_copied"] = True
         (path / "cfg").write_text(json.dumps(cfg, indent=2), encoding="utf8")
 
     def from_disk(self, path, *, exclude=tuple()) -> "MedLLMNer":
@@ -203,6 +209,8 @@ class MedLLMNer:
             )
         if cfg["adapter_copied"]:
             self.adapter = str(path / "adapter")
+        if cfg.get("template_copied"):
+            self.recognizer.strategy.use_template(str(path / TEMPLATE_FILE))
         self._lm = None
         return self
 
@@ -224,6 +232,13 @@ def _weights_size(path: Path) -> int:
     if not path.is_dir():
         raise MedLLMLoadError(f"The base model directory {path} does not exist, so it cannot be saved.")
     return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    if not src.is_file():
+        raise ValueError(f"The prompt template {src} does not exist, so it cannot be saved with the pipeline.")
+    if src.resolve() != dst.resolve():
+        shutil.copyfile(src, dst)
 
 
 def _copy_dir(src: Path, dst: Path) -> None:

@@ -521,11 +521,13 @@ def _prefill_shared(batch: "_Batch", prompts, groups, stats: "DecodeStats") -> T
     else:
         top = 0
     segments = [h[top:n] for h, n in zip(heads, shared)]
+    order = [g for g, (members, _) in enumerate(groups) for _ in members]
     if any(segments):
         batch.forward(segments, [top] * len(groups), keep_last=1)
         passes += 1
-    order = [g for g, (members, _) in enumerate(groups) for _ in members]
-    batch.keep(order, [len(segments[g]) for g in order])
+        batch.keep(order, [len(segments[g]) for g in order])
+    else:  # every group shares exactly the common prefix: copy it as it is
+        batch.keep(order, [top] * len(order))
     stats.forward_passes += passes
     return [shared[g] for g in order], passes
 
@@ -541,14 +543,55 @@ def _allowed(index: VocabIndex, automaton: CopyAutomaton, configs: Configs, eos_
     return allowed
 
 
-def _choose(logits_row, allowed: Dict[int, Configs]) -> Tuple[int, float]:
-    """Constrained argmax (ties: lowest id) and its raw log-softmax."""
-    import torch
+class _Scores:
+    """The logits of one pass: the unconstrained argmax of every position (ties: lowest
+    id) at once; the log-normalizer only where a token is taken (a large vocabulary times
+    every draft position would cost more than the verification)."""
 
-    ids = sorted(allowed)
-    token = ids[int(torch.argmax(logits_row[torch.tensor(ids)]))] if len(ids) > 1 else ids[0]
-    logits_row = logits_row.double()
-    return token, float(logits_row[token] - torch.logsumexp(logits_row, dim=0))
+    def __init__(self, logits):
+        self.logits = logits
+        best = logits.max(dim=-1)
+        self.top = best.indices.tolist()
+        self.top_value = best.values.tolist()
+
+    def log_norm(self, r: int, p: int) -> float:
+        import torch
+
+        return float(torch.logsumexp(self.logits[r, p], dim=0))
+
+    def choose(self, r: int, p: int, row: _Row, index: VocabIndex, eos_ids) -> Tuple[int, Configs, float]:
+        """The constrained argmax at row ``r``, position ``p``, the configuration after it
+        and its raw log-softmax.
+
+        When the unconstrained argmax is legal it is the constrained argmax too (the
+        allowed set is a subset of the vocabulary; ties resolve to the lowest id in both),
+        so the allowed set is only built when the model wants an illegal token."""
+        import torch
+
+        token = self.top[r][p]
+        after = _advance_token(index, row.automaton, row.configs, token, eos_ids)
+        if after is not None:
+            return token, after, self.top_value[r][p] - self.log_norm(r, p)
+        allowed = _allowed(index, row.automaton, row.configs, eos_ids)
+        if not allowed:
+            raise RuntimeError(
+                "No token of the vocabulary continues the constrained answer for "
+                f"{row.automaton.constraint.source!r}: the tokenizer cannot spell it."
+            )
+        ids = sorted(allowed)
+        values = self.logits[r, p, torch.tensor(ids)]
+        best = int(torch.argmax(values))
+        return ids[best], allowed[ids[best]], float(values[best]) - self.log_norm(r, p)
+
+
+def _advance_token(index: VocabIndex, automaton: CopyAutomaton, configs: Configs, token: int, eos_ids):
+    """The configuration after ``token``, or None when it is not legal here."""
+    if token in eos_ids:
+        return DONE if automaton.can_end(configs) else None
+    data = index.bytes_of.get(token)
+    if data is None:
+        return None
+    return automaton.advance_bytes(configs, data) or None
 
 
 def _draft_tokens(index: VocabIndex, tokenizer, row: _Row, max_draft: int, eos_id: int) -> List[int]:
@@ -585,7 +628,7 @@ def _decode_batch(model, tokenizer, index, prompts, constraints, max_new, eos_id
     ]
     batch = _Batch(model, pad_id)
     groups = shared_prefix_groups(prompts, [c.source for c in constraints]) if share_prefix else []
-    if 0 < len(groups) < len(rows):
+    if 0 < len(groups) < len(rows) and max(n for _, n in groups) >= MIN_SHARED:
         done, passes = _prefill_shared(batch, prompts, groups, stats)
         for row, prompt, n in zip(rows, prompts, done):
             row.pos, row.pending, row.passes = n, list(prompt[n:]), passes
@@ -600,6 +643,7 @@ def _decode_batch(model, tokenizer, index, prompts, constraints, max_new, eos_id
         first = width - min(len(row.pending) - 1 for row in batch_rows)  # logits kept per row
         logits = batch.forward(blocks, [row.pos for row in batch_rows], keep_last=first)
         offset = width - logits.shape[1]
+        scores = _Scores(logits)
         stats.forward_passes += 1
         keep_rows, kept_new = [], []
         for r, (row, draft) in enumerate(zip(batch_rows, drafts)):
@@ -607,16 +651,9 @@ def _decode_batch(model, tokenizer, index, prompts, constraints, max_new, eos_id
             stats.draft_tokens += len(draft)
             base, accepted = len(row.pending) - 1 - offset, 0
             while True:
-                allowed = _allowed(index, row.automaton, row.configs, eos_ids)
-                if not allowed:
-                    raise RuntimeError(
-                        "No token of the vocabulary continues the constrained answer for "
-                        f"{row.automaton.constraint.source!r}: the tokenizer cannot spell it."
-                    )
-                token, logprob = _choose(logits[r, base + accepted], allowed)
+                token, row.configs, logprob = scores.choose(r, base + accepted, row, index, eos_ids)
                 row.out.append(token)
                 row.logprobs.append(logprob)
-                row.configs = allowed[token]
                 if token in eos_ids or len(row.out) >= row.max_new:
                     row.done = True
                     break

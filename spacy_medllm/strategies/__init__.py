@@ -2,7 +2,7 @@
 
 Importing this package registers every strategy in spaCy's ``misc`` registry.
 """
-from .base import BaseStrategy, Prompt, Strategy, merge_results, mentions_from_doc
+from .base import BaseStrategy, Prompt, Strategy, mentions_from_doc, merge_results
 from .entity_category import EntityCategoryStrategy
 from .html import HtmlStrategy
 from .incontext import Demonstration, InContextStrategy, Retriever, TfidfRetriever

@@ -16,6 +16,15 @@ An annotation strategy reformulates NER as text generation. For one text it
    kept once (``duplicate``), so a strategy cannot state one span twice for one label.
 
 Mentions carry the scheme's *codes* as labels; prompts and responses use display names.
+``prompt(text, scheme, label=None)`` builds a single prompt (the in-context mode uses it
+to render demonstrations); ``merge_results`` joins the results of a text's prompts.
+
+Copy-constrained decoding: a strategy whose answer is the source with markers inserted
+(symbol, mark) also has ``copy_constraint(text, prompt) -> CopyConstraint(prefix, source,
+open, close)``: the answer is exactly ``prefix`` + ``source`` with balanced ``open``/
+``close`` strings inserted (see :class:`.symbol.CopyConstraint`); a decoder that keeps to
+it produces answers ``parse`` reads exactly. Test with ``getattr(strategy,
+"copy_constraint", None)``.
 
 A :class:`Prompt` is a system message plus a user message made of a shared
 ``instruction`` (task, type definitions, output rules) and a text-specific ``input``.
@@ -102,6 +111,9 @@ class Strategy(Protocol):
     def prompts(self, text: str, scheme: LabelScheme) -> List[Prompt]:
         ...
 
+    def prompt(self, text: str, scheme: LabelScheme, label: Optional[str] = None) -> Prompt:
+        ...
+
     def render_target(self, text: str, mentions: Sequence[Mention], prompt: Prompt) -> str:
         ...
 
@@ -121,6 +133,11 @@ class BaseStrategy:
     def __init__(self, template: Optional[str] = None) -> None:
         self.template = template
         self._templates: Dict[str, jinja2.Template] = {}
+
+    def use_template(self, template: Optional[str]) -> None:
+        """Switch to another template file (e.g. the copy a saved pipeline stores)."""
+        self.template = template
+        self._templates = {}
 
     # -- prompts ---------------------------------------------------------------------
     def prompts(self, text: str, scheme: LabelScheme) -> List[Prompt]:

@@ -62,7 +62,7 @@ class IndexStrategy(BaseStrategy):
             m = _ENTITY_LINE.match(line)
             if m is None:
                 head = line.strip().casefold()
-                if head.startswith(header) or head.startswith(WORDS["zh"]["entities"]) or head.startswith("entities"):
+                if head.startswith((header, WORDS["zh"]["entities"], "entities")):
                     in_entities = True
                 elif in_entities and head not in NONE_WORDS:
                     result.discard("unparsed_line")

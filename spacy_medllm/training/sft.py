@@ -102,7 +102,9 @@ class SFTConfig:
     """Optimisation settings.
 
     One *step* is one optimizer update over ``batch_size * grad_accum`` records. Training
-    stops after ``epochs`` epochs, or after ``max_steps`` steps when that is > 0.
+    stops after ``epochs`` epochs, or after ``max_steps`` steps when that is > 0; and, when
+    ``max_minutes`` > 0, at the first step after that much wall time (the learning-rate
+    schedule is not shortened: set max_steps to what the time allows).
     ``cutoff_len``: records longer than this many tokens are truncated (the response is
     cut, so part of it is still learned) or skipped (``overlong``); both are counted.
     ``bucket_batches``: records are shuffled, cut into chunks of that many batches, and
@@ -123,6 +125,7 @@ class SFTConfig:
     grad_accum: int = 1
     epochs: int = 3
     max_steps: int = 0
+    max_minutes: float = 0.0
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -183,6 +186,7 @@ def make_sft_config(
     grad_accum: int = 1,
     epochs: int = 3,
     max_steps: int = 0,
+    max_minutes: float = 0.0,
     warmup_ratio: float = 0.03,
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
@@ -465,7 +469,10 @@ def train_sft(
                         f"lr {entry['lr']:.2e} {entry['tokens_per_s']:.0f} tok/s {entry['elapsed_s']:.0f}s"
                     )
                 window_loss, window_tokens, window_start = [], 0, time.perf_counter()
-            if state.step >= total_steps:
+            out_of_time = config.max_minutes > 0 and time.perf_counter() - start_time > 60 * config.max_minutes
+            if state.step >= total_steps or out_of_time:
+                if out_of_time and state.step < total_steps:
+                    msg.warn(f"Stopping at step {state.step} of {total_steps}: max_minutes={config.max_minutes} reached")
                 done = True
                 if state.group_in_epoch == len(groups):
                     state.epoch += 1
