@@ -115,9 +115,10 @@ class SFTConfig:
     ``token_weights``: loss weight for target tokens whose text contains a key, e.g.
     ``{"[": 3.0, "]": 3.0}`` for the symbol strategy's brackets; the loss is the weighted
     mean over response tokens.
-    ``save_every`` / ``eval_every``: extra checkpoints / evaluations every that many steps
-    (0: only at the end of each epoch and of training). ``score_key``: the evaluator
-    figure that decides ``model-best`` (higher is better).
+    ``eval_every``: evaluate every that many steps instead of at the end of each epoch
+    (0); there is always an evaluation at the end. ``save_every``: checkpoints every that
+    many steps besides those at the end of each epoch and of training. ``score_key``: the
+    evaluator figure that decides ``model-best`` (higher is better).
     """
 
     learning_rate: float = 1e-4
@@ -323,7 +324,7 @@ def train_sft(
     """Fine-tune ``model_cfg`` on ``records``; see the module docstring for what is saved.
 
     ``evaluate(model_dir) -> dict`` is called with ``model-last`` at the end of each epoch
-    (and every ``eval_every`` steps, and at the end); its ``config.score_key`` figure picks
+    (or every ``eval_every`` steps) and at the end; its ``config.score_key`` figure picks
     ``model-best``. ``resume_from``: a ``checkpoints/checkpoint-<step>`` directory of an
     earlier run with the same data and settings.
     """
@@ -485,7 +486,8 @@ def train_sft(
         else:
             state.epoch += 1
             state.group_in_epoch = 0
-            run_evaluation()
+            if not config.eval_every:
+                run_evaluation()
             _save_checkpoint(output_dir, model, optimizer, scheduler, state, config, total_steps)
             continue
     bar.close()
