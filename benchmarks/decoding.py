@@ -47,7 +47,6 @@ import torch  # noqa: E402
 from spacy_medllm.llm.constrained import (  # noqa: E402
     CopyAutomaton,
     DecodeStats,
-    as_copy_constraint,
     count_forward_passes,
     decode_constrained,
 )
@@ -91,7 +90,7 @@ def build_rows(examples, tokenizer, template=None):
         ]
         for prompt in strategy.prompts(text, scheme):
             ids = tokenizer(prompt.chat_text(tokenizer), add_special_tokens=False).input_ids
-            constraint = as_copy_constraint(strategy.copy_constraint(text, prompt))
+            constraint = strategy.copy_constraint(text, prompt)
             answer = strategy.render_target(text, gold, prompt)
             rows.append({"text": text, "prompt": prompt, "ids": ids, "constraint": constraint, "gold": answer})
     return strategy, rows
@@ -203,11 +202,11 @@ def aligned_share(strategy, rows, texts):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sentences", type=int, default=4, help="CMeEE dev sentences (9 prompts each)")
+    parser.add_argument("--sentences", type=int, default=6, help="CMeEE dev sentences (9 prompts each)")
     parser.add_argument("--model", default=None, help="trained checkpoint directory (default: random tiny)")
     parser.add_argument("--template", default=None, help="prompt template the checkpoint was trained with")
     parser.add_argument("--batch-sentences", type=int, default=2, help="sentences per batch, all modes")
-    parser.add_argument("--max-draft", type=int, default=64, help="draft tokens per speculative pass")
+    parser.add_argument("--max-draft", type=int, default=32, help="most draft tokens per speculative pass")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--repeat", type=int, default=1, help="runs per mode; the fastest wall time counts")
     parser.add_argument("--max-chars", type=int, default=120, help="skip longer sentences")

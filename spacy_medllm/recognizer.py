@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .labels import LabelScheme
-from .llm.constrained import as_copy_constraint
 from .llm.generation import GenerationRequest, GenerationResult
 from .readers.normalize import normalize_text
 from .sharding import shard_text
@@ -91,7 +90,7 @@ class Recognizer:
                     constraint = None
                     if self.constrained:
                         constraint = replace(
-                            as_copy_constraint(self.strategy.copy_constraint(shard, prompt)),
+                            self.strategy.copy_constraint(shard, prompt),
                             max_depth=self.max_depth,
                             max_span_chars=self.max_span_chars,
                         )

@@ -35,3 +35,32 @@ class ParseResult:
 
     def discard(self, reason: str, n: int = 1) -> None:
         self.discarded[reason] += n
+
+
+@dataclass(frozen=True)
+class CopyConstraint:
+    """The legal answers of a copy-constrained decoder: ``forced_prefix`` + ``source`` with
+    ``open``/``close`` inserted (balanced), then EOS. Strategies whose answer is a marked-up
+    copy of the source (symbol, mark) make one per prompt; the decoder enforces it.
+
+    ``max_depth`` bounds nesting, ``max_span_chars`` the number of source characters an
+    open bracket may enclose (64: 0.4% of CMeEE entities are longer than 30 characters,
+    9 of 61,794 longer than 64). ``forbid_double_open`` disallows ``[[`` and ``forbid_empty``
+    ``[]``. Brackets may only be inserted between source characters; a source that itself
+    contains ``[`` or ``]`` is copied literally (the automaton keeps both readings).
+    """
+
+    source: str
+    forced_prefix: str = ""
+    open: str = "["
+    close: str = "]"
+    max_depth: int = 2
+    max_span_chars: int = 64
+    forbid_double_open: bool = True
+    forbid_empty: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.open or not self.close or self.open == self.close:
+            raise ValueError(f"open/close must be two different non-empty strings, got {self.open!r}/{self.close!r}")
+        if self.max_depth < 0 or self.max_span_chars < 1:
+            raise ValueError("max_depth must be >= 0 and max_span_chars >= 1")

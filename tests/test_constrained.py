@@ -13,7 +13,6 @@ from spacy_medllm.llm.constrained import (  # noqa: E402
     CopyAutomaton,
     CopyConstraint,
     DecodeStats,
-    as_copy_constraint,
     decode_constrained,
     shared_prefix_groups,
     token_bytes,
@@ -211,9 +210,13 @@ def test_shared_prefix_equals_separate_prompts(char_tok):
     assert [r.token_ids for r in shared] == [r.token_ids for r in plain]
     for a, b in zip(shared, plain):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-9)
-    # two extra passes (instruction once, then each sentence once) instead of 9 full prompts
-    assert s_stats.forward_passes <= p_stats.forward_passes + 2
-    assert s_stats.prompt_tokens == p_stats.prompt_tokens
+    # one batch: the common prefix once, then each sentence once (one pass for all)
+    assert s_stats.forward_passes == p_stats.forward_passes + 2
+    # three batches (one sentence each): the common prefix is still computed only once
+    plain3, p3 = _decode(model, char_tok, prompts, constraints, share_prefix=False, batch_size=3)
+    shared3, s3 = _decode(model, char_tok, prompts, constraints, share_prefix=True, batch_size=3)
+    assert [r.token_ids for r in shared3] == [r.token_ids for r in plain3] == [r.token_ids for r in plain]
+    assert s3.forward_passes == p3.forward_passes + 1 + 3
 
 
 def test_shared_prefix_when_groups_share_only_the_common_prefix(char_tok):
@@ -262,14 +265,15 @@ def test_word_level_vocabulary_and_a_character_it_cannot_spell():
         _decode(model, tok, [prompt], [CopyConstraint(source="头疼", forced_prefix="a")])
 
 
-def test_symbol_strategy_constraint_is_accepted():
-    class Record:  # the shape of spacy_medllm.strategies.symbol.CopyConstraint
-        prefix, source, open, close = "疾病：", "头痛", "[", "]"
+def test_symbol_strategy_makes_the_decoders_constraint():
+    from spacy_medllm.labels import get_scheme
+    from spacy_medllm.strategies import SymbolStrategy
 
-    c = as_copy_constraint(Record())
-    assert (c.forced_prefix, c.source, c.open, c.close) == ("疾病：", "头痛", "[", "]")
-    with pytest.raises(TypeError):
-        as_copy_constraint(object())
+    strategy = SymbolStrategy()
+    prompt = strategy.prompt("头痛", get_scheme("cmeee"), "sym")
+    c = strategy.copy_constraint("头痛", prompt)
+    assert isinstance(c, CopyConstraint)
+    assert (c.forced_prefix, c.source, c.open, c.close) == ("临床表现：", "头痛", "[", "]")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -308,7 +312,7 @@ def test_generator_runtime_symbol_requests_and_prompt_lookup(tmp_path, char_tok)
         results = generator.generate(requests, batch_size=8)
         direct, _ = _decode(
             lm.model, char_tok, [generator.encode(r) for r in requests],
-            [as_copy_constraint(r.constraint) for r in requests], speculative=False, share_prefix=False,
+            [r.constraint for r in requests], speculative=False, share_prefix=False,
         )
         assert [r.token_ids for r in results] == [d.token_ids for d in direct]
         for result, (text, p) in zip(results, prompts):

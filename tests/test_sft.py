@@ -14,7 +14,12 @@ from safetensors.torch import load_file
 from spacy_medllm.labels import get_scheme
 from spacy_medllm.llm.generation import GenerationRequest, HFGenerator, stop_token_ids
 from spacy_medllm.llm.loader import MedLLMLoadError, ModelSpec, clear_cache, load_lm
-from spacy_medllm.llm.tiny import TinyModelConfig, build_char_tokenizer, build_tiny_model
+from spacy_medllm.llm.tiny import (
+    TinyModelConfig,
+    build_char_tokenizer,
+    build_tiny_model,
+)
+from spacy_medllm.scoring import CharSpan
 from spacy_medllm.strategies.symbol import SymbolStrategy
 from spacy_medllm.training.evaluate import DevExample, GenerationEvaluator, locate
 from spacy_medllm.training.sft import LoraSettings, SFTConfig, SFTModel, train_sft
@@ -23,13 +28,14 @@ from spacy_medllm.training.sft_data import (
     ChatRecord,
     GoldText,
     SFTError,
+    clauses,
     encode_chat,
     epoch_batches,
+    mix_clauses,
     read_chat_records,
     strategy_records,
     token_weight_vector,
 )
-from spacy_medllm.scoring import CharSpan
 from spacy_medllm.types import Mention
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +60,7 @@ def symbol_records(labels=("sym", "dis")):
 
 
 def corpus_chars():
-    return "".join(t for t, _ in TEXTS) + "[]：" + "".join(l.name for l in get_scheme("cmeee"))
+    return "".join(t for t, _ in TEXTS) + "[]：" + "".join(info.name for info in get_scheme("cmeee"))
 
 
 def save_tiny(path: Path, arch: str = "qwen2", hidden: int = 32) -> Path:
@@ -119,6 +125,18 @@ def test_strategy_records_count_entities_per_type():
     first = {r.messages[-1][1]: r.n_entities for r in records if r.source == "t:0"}
     assert first["临床表现：患者[头痛]伴[呕吐]三天"] == 2
     assert first["疾病：患者头痛伴呕吐三天"] == 0
+
+
+def test_clause_mixing_keeps_every_mention_valid():
+    gold = GoldText("头痛，伴呕吐；肺炎，无", (Mention("sym", "头痛", 0, 2), Mention("sym", "呕吐", 4, 6), Mention("dis", "肺炎，无", 7, 11)), "g")
+    # no cut inside 肺炎，无 (a mention across a comma)
+    assert [c.text for c in clauses(gold)] == ["头痛，", "伴呕吐；", "肺炎，无"]
+    mixed = mix_clauses([gold] + gold_texts(), 50, seed=3)
+    assert len(mixed) == 50 and len({m.text for m in mixed}) > 10
+    for text in mixed:
+        for m in text.mentions:
+            assert text.text[m.start : m.end] == m.text
+    assert mix_clauses([gold], 5, seed=3) == mix_clauses([gold], 5, seed=3)
 
 
 def test_read_chat_records_skips_and_reports_bad_lines(tmp_path, capsys):

@@ -255,11 +255,11 @@ def test_copy_constraint_contract():
     for strategy in (sym, mark):
         prompt = strategy.prompt(text, CMEEE, "sym")
         cc = strategy.copy_constraint(text, prompt)
-        assert (cc.prefix, cc.source, cc.open, cc.close) == (
+        assert (cc.forced_prefix, cc.source, cc.open, cc.close) == (
             ("临床表现：", text, "[", "]") if strategy is sym else ("", text, "<mark>", "</mark>"))
-        assert strategy.render_target(text, [], prompt) == cc.prefix + cc.source
+        assert strategy.render_target(text, [], prompt) == cc.forced_prefix + cc.source
         for _ in range(100):  # random walks of the decoder's automaton
-            out, stack, spans, i = [cc.prefix], [], set(), 0
+            out, stack, spans, i = [cc.forced_prefix], [], set(), 0
             while i < len(text) or stack:
                 choice = rng.random()
                 if choice < 0.15 and i < len(text):

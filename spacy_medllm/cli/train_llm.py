@@ -9,7 +9,10 @@ from thinc.api import ConfigValidationError
 from wasabi import msg
 
 from ..llm.loader import MedLLMLoadError
-from ..training.sft import SFTConfig, SFTError, SFTModel, TrainResult, train_sft
+from ..strategies import STRATEGIES  # noqa: F401  (registers the strategies a config names)
+from ..training import evaluate as _evaluate  # noqa: F401  (registers spacy_medllm.GenerationEvaluator.v1)
+from ..training.sft import SFTConfig, SFTModel, TrainResult, train_sft
+from ..training.sft_data import SFTError
 from . import medllm_cli
 
 SECTIONS = ("paths", "model", "corpora", "training")
@@ -24,9 +27,6 @@ def train_llm(
     """Resolve the config's ``[model]``, ``[corpora.train]``, ``[training]`` and optional
     ``[evaluation]`` blocks and train; ``output_dir`` falls back to ``[paths] output``.
     Data and dev files are read before the model is loaded, so a wrong path fails fast."""
-    import spacy_medllm.training.evaluate  # noqa: F401  (registers the evaluator)
-    import spacy_medllm.strategies.symbol  # noqa: F401  (registers the builtin strategies)
-
     config = load_config(config_path, overrides=overrides, interpolate=True)
     missing = [s for s in SECTIONS if s not in config]
     if missing:

@@ -41,13 +41,14 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
+from ..types import CopyConstraint
+
 __all__ = [
     "CopyAutomaton",
     "CopyConstraint",
     "DecodeStats",
     "DecodedRow",
     "VocabIndex",
-    "as_copy_constraint",
     "count_forward_passes",
     "decode_constrained",
     "generate_constrained",
@@ -55,33 +56,6 @@ __all__ = [
     "shared_prefix_groups",
     "vocab_index",
 ]
-
-
-@dataclass(frozen=True)
-class CopyConstraint:
-    """The legal answers: ``forced_prefix`` + ``source`` with brackets inserted, then EOS.
-
-    ``max_depth`` bounds nesting, ``max_span_chars`` the number of source characters an
-    open bracket may enclose (64: 0.4% of CMeEE entities are longer than 30 characters,
-    9 of 61,794 longer than 64). ``forbid_double_open`` disallows ``[[`` and ``forbid_empty``
-    ``[]``. Brackets may only be inserted between source characters; a source that itself
-    contains ``[`` or ``]`` is copied literally (the automaton keeps both readings).
-    """
-
-    source: str
-    forced_prefix: str = ""
-    open: str = "["
-    close: str = "]"
-    max_depth: int = 2
-    max_span_chars: int = 64
-    forbid_double_open: bool = True
-    forbid_empty: bool = True
-
-    def __post_init__(self):
-        if not self.open or not self.close or self.open == self.close:
-            raise ValueError(f"open/close must be two different non-empty strings, got {self.open!r}/{self.close!r}")
-        if self.max_depth < 0 or self.max_span_chars < 1:
-            raise ValueError("max_depth must be >= 0 and max_span_chars >= 1")
 
 
 # Automaton state inside the body: (source index, tuple of open positions, brackets emitted
@@ -367,6 +341,9 @@ class DecodedRow:
 
 @dataclass
 class _Row:
+    """Decoding state of one prompt: ``pending`` are tokens decided but not yet in the
+    cache (the prompt, then the last chosen token), ``pos`` the position of the first."""
+
     automaton: CopyAutomaton
     configs: Configs
     pending: List[int]
@@ -422,6 +399,15 @@ class _Batch:
         self.mask = mask
         self.last_width = width
         return out.logits
+
+    def seed(self, prefix: "_Prefix") -> None:
+        """Start from a cached prefix (one row) instead of computing it again."""
+        import torch
+
+        for layer_idx, (keys, values) in enumerate(prefix.kv):
+            self.cache.update(keys, values, layer_idx)
+        self.mask = torch.ones((1, prefix.length), dtype=torch.long)
+        self.last_width = prefix.length
 
     def keep(self, rows: Sequence[int], kept_new: Sequence[int]) -> None:
         """Keep batch rows ``rows`` (a repeated index copies a row) and, of the columns of
@@ -502,34 +488,51 @@ def shared_prefix_groups(
     return groups
 
 
-def _prefill_shared(batch: "_Batch", prompts, groups, stats: "DecodeStats") -> Tuple[List[int], int]:
-    """Run the shared prompt prefixes and leave one cache row per prompt in ``batch``.
+@dataclass
+class _Prefix:
+    """The key/values of the prompt prefix common to every row of a call (the
+    instruction), computed once and seeded into every batch."""
 
-    Two levels: the prefix common to every group (the instruction) once, then each
-    group's own shared part (the sentence) once per group. Returns per row the number of
-    prompt tokens now in the cache, and the number of passes made."""
+    length: int
+    kv: List[Tuple[object, object]]
+
+
+def _common_prefix(model, pad_id, prompts, groups, stats: "DecodeStats") -> Optional[_Prefix]:
+    """Run the prefix all groups share once (None when shorter than MIN_SHARED)."""
+    if len(groups) < 2:
+        return None
+    heads = [prompts[members[0]] for members, _ in groups]
+    top = min(min(n for _, n in groups), min(_lcp(heads[0], h) for h in heads[1:]))
+    if top < MIN_SHARED:
+        return None
+    batch = _Batch(model, pad_id)
+    batch.forward([heads[0][:top]], [0], keep_last=1)
+    stats.forward_passes += 1
+    return _Prefix(top, [(layer.keys, layer.values) for layer in batch.cache.layers])
+
+
+def _prefill_shared(batch: "_Batch", prompts, groups, prefix: Optional[_Prefix], stats) -> Tuple[List[int], int]:
+    """Leave one cache row per prompt in ``batch`` holding its group's shared prefix.
+
+    The prefix common to all rows of the call (``prefix``, the instruction) comes from its
+    cache; each group's own shared part (the sentence) is run once per group. Returns per
+    row the number of prompt tokens now in the cache and the number of passes made."""
     heads = [prompts[members[0]] for members, _ in groups]
     shared = [n for _, n in groups]
     top = 0
-    if len(groups) > 1:
-        top = min(min(shared), min(_lcp(heads[0], h) for h in heads[1:]))
-    passes = 0
-    if top >= MIN_SHARED:
-        batch.forward([heads[0][:top]], [0], keep_last=1)
+    if prefix is not None:
+        top = prefix.length
+        batch.seed(prefix)
         batch.keep([0] * len(groups), [top] * len(groups))
-        passes += 1
-    else:
-        top = 0
     segments = [h[top:n] for h, n in zip(heads, shared)]
     order = [g for g, (members, _) in enumerate(groups) for _ in members]
     if any(segments):
         batch.forward(segments, [top] * len(groups), keep_last=1)
-        passes += 1
+        stats.forward_passes += 1
         batch.keep(order, [len(segments[g]) for g in order])
     else:  # every group shares exactly the common prefix: copy it as it is
         batch.keep(order, [top] * len(order))
-    stats.forward_passes += passes
-    return [shared[g] for g in order], passes
+    return [shared[g] for g in order], int(any(segments))
 
 
 def _allowed(index: VocabIndex, automaton: CopyAutomaton, configs: Configs, eos_ids) -> Dict[int, Configs]:
@@ -618,7 +621,7 @@ def _draft_tokens(index: VocabIndex, tokenizer, row: _Row, max_draft: int, eos_i
     return draft[: max(0, min(max_draft, row.max_new - len(row.out) - 1))]
 
 
-def _decode_batch(model, tokenizer, index, prompts, constraints, max_new, eos_ids, pad_id, options, stats):
+def _decode_batch(model, tokenizer, index, prompts, constraints, max_new, eos_ids, pad_id, options, prefix, stats):
     """Decode one batch of rows; returns their ``_Row`` records in order."""
     speculative, share_prefix, max_draft = options
     automata = {c: CopyAutomaton(c) for c in set(constraints)}
@@ -628,10 +631,11 @@ def _decode_batch(model, tokenizer, index, prompts, constraints, max_new, eos_id
     ]
     batch = _Batch(model, pad_id)
     groups = shared_prefix_groups(prompts, [c.source for c in constraints]) if share_prefix else []
-    if 0 < len(groups) < len(rows) and max(n for _, n in groups) >= MIN_SHARED:
-        done, passes = _prefill_shared(batch, prompts, groups, stats)
+    if prefix is not None or (0 < len(groups) < len(rows) and max(n for _, n in groups) >= MIN_SHARED):
+        done, passes = _prefill_shared(batch, prompts, groups, prefix, stats)
         for row, prompt, n in zip(rows, prompts, done):
-            row.pos, row.pending, row.passes = n, list(prompt[n:]), passes
+            # the common prefix's pass served every row of the call
+            row.pos, row.pending, row.passes = n, list(prompt[n:]), passes + (prefix is not None)
     batch_rows = list(rows)
     while batch_rows:
         drafts = [
@@ -734,6 +738,12 @@ def decode_constrained(
             results[r] = DecodedRow(text="", token_ids=[], logprobs=[], forward_passes=0, finished=False)
     with torch.inference_mode():
         sources = [constraints[r].source for r in todo]
+        prefix = None
+        if share_prefix:
+            start = time.perf_counter()
+            todo_prompts = [prompts[r] for r in todo]
+            prefix = _common_prefix(model, pad_id, todo_prompts, shared_prefix_groups(todo_prompts, sources), stats)
+            stats.seconds += time.perf_counter() - start
         for batch in _batches([prompts[r] for r in todo], sources, batch_size, share_prefix):
             members = [todo[k] for k in batch]
             start = time.perf_counter()
@@ -747,6 +757,7 @@ def decode_constrained(
                 eos_ids,
                 pad_id,
                 (speculative, share_prefix, max_draft),
+                prefix,
                 stats,
             )
             seconds = time.perf_counter() - start
@@ -764,22 +775,6 @@ def decode_constrained(
                     seconds=seconds / len(rows),
                 )
     return results  # type: ignore[return-value]
-
-
-def as_copy_constraint(constraint) -> CopyConstraint:
-    """A :class:`CopyConstraint` from one, or from any object with ``source``, ``open``,
-    ``close`` and ``prefix``/``forced_prefix`` (e.g. the symbol strategy's record)."""
-    if isinstance(constraint, CopyConstraint):
-        return constraint
-    prefix = getattr(constraint, "forced_prefix", getattr(constraint, "prefix", None))
-    try:
-        return CopyConstraint(
-            source=constraint.source, forced_prefix=prefix or "", open=constraint.open, close=constraint.close
-        )
-    except AttributeError as err:
-        raise TypeError(
-            f"Cannot decode under constraint {constraint!r}: it needs source, open, close and prefix ({err})."
-        ) from err
 
 
 # --------------------------------------------------------------------------- runtime entries
@@ -808,7 +803,7 @@ def generate_constrained(
 
     generator = HFGenerator(lm, adapter)
     prompts = [generator.encode(req) for req in requests]
-    constraints = [as_copy_constraint(req.constraint) for req in requests]
+    constraints = [req.constraint for req in requests]
     with lm.use(adapter) as model:
         rows = decode_constrained(
             model,

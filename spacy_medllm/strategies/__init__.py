@@ -9,7 +9,8 @@ from .incontext import Demonstration, InContextStrategy, Retriever, TfidfRetriev
 from .index import IndexStrategy
 from .json_strategy import JsonStrategy
 from .mark import MarkStrategy
-from .symbol import CopyConstraint, SymbolStrategy
+from ..types import CopyConstraint
+from .symbol import SymbolStrategy
 
 # Short names (CLI, docs) → registered names.
 STRATEGIES = {

@@ -20,9 +20,9 @@ Mentions carry the scheme's *codes* as labels; prompts and responses use display
 to render demonstrations); ``merge_results`` joins the results of a text's prompts.
 
 Copy-constrained decoding: a strategy whose answer is the source with markers inserted
-(symbol, mark) also has ``copy_constraint(text, prompt) -> CopyConstraint(prefix, source,
-open, close)``: the answer is exactly ``prefix`` + ``source`` with balanced ``open``/
-``close`` strings inserted (see :class:`.symbol.CopyConstraint`); a decoder that keeps to
+(symbol, mark) also has ``copy_constraint(text, prompt) ->``
+:class:`~spacy_medllm.types.CopyConstraint`: the answer is exactly ``forced_prefix`` +
+``source`` with balanced ``open``/``close`` strings inserted; a decoder that keeps to
 it produces answers ``parse`` reads exactly. Test with ``getattr(strategy,
 "copy_constraint", None)``.
 

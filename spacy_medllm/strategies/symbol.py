@@ -12,13 +12,12 @@ as nesting) or the same span twice. A response that is not such a copy (garbled,
 truncated, rephrased) falls back to a character alignment (difflib) ignoring the marker
 strings; a bracketed span is kept only when its text equals the aligned source slice.
 """
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from spacy.util import registry
 
 from ..labels import LabelScheme
-from ..types import Mention, ParseResult
+from ..types import CopyConstraint, Mention, ParseResult
 from .base import (
     WORDS,
     BaseStrategy,
@@ -31,24 +30,6 @@ from .base import (
 )
 
 MAX_STATES = 256  # alignment states kept per response position before giving up on exactness
-
-
-@dataclass(frozen=True)
-class CopyConstraint:
-    """What a copy-constrained decoder enforces for one prompt.
-
-    The response must be exactly ``prefix`` followed by ``source`` with any number of
-    ``open``/``close`` strings inserted, balanced (a ``close`` only while an ``open`` is
-    pending), and then end. So at each step after the prefix the decoder allows: the
-    next source character, ``open``, ``close`` when the depth is positive, and the end
-    when the whole source is copied and the depth is zero. ``parse`` reads every such
-    response exactly.
-    """
-
-    prefix: str
-    source: str
-    open: str
-    close: str
 
 
 class SymbolStrategy(BaseStrategy):
@@ -66,7 +47,9 @@ class SymbolStrategy(BaseStrategy):
         return ctx
 
     def copy_constraint(self, text: str, prompt: Prompt) -> CopyConstraint:
-        return CopyConstraint(self.answer_prefix(prompt.scheme, self._asked(prompt)), text, self.open, self.close)
+        return CopyConstraint(
+            source=text, forced_prefix=self.answer_prefix(prompt.scheme, self._asked(prompt)), open=self.open, close=self.close
+        )
 
     def render_target(self, text: str, mentions: Sequence[Mention], prompt: Prompt) -> str:
         label = self._asked(prompt)

@@ -156,9 +156,7 @@ class GenerationEvaluator:
         return predictions, discarded
 
     def constraint(self, text: str, prompt: Any) -> Any:
-        from ..llm.constrained import as_copy_constraint
-
-        return replace(as_copy_constraint(self.strategy.copy_constraint(text, prompt)), **self.limits)
+        return replace(self.strategy.copy_constraint(text, prompt), **self.limits)
 
     def score(self, predictions: Sequence[Set[CharSpan]]) -> Dict[str, Any]:
         """Strict micro P/R/F1 over (start, end, label) sets, overall and per type."""

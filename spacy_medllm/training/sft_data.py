@@ -153,15 +153,71 @@ def strategy_records(texts: Sequence[GoldText], strategy: Any, scheme: Any) -> L
     return records
 
 
+CLAUSE_ENDS = "，。；！？,;!?"
+
+
+def clauses(gold: GoldText) -> List[GoldText]:
+    """``gold`` cut after clause punctuation wherever no mention spans the cut; each piece
+    keeps its mentions (offsets shifted)."""
+    cuts = [0]
+    for i, ch in enumerate(gold.text[:-1], 1):
+        if ch in CLAUSE_ENDS and not any(m.start < i < m.end for m in gold.mentions):
+            cuts.append(i)
+    cuts.append(len(gold.text))
+    pieces = []
+    for a, b in zip(cuts, cuts[1:]):
+        mentions = tuple(
+            Mention(m.label, m.text, m.start - a, m.end - a) for m in gold.mentions if a <= m.start and m.end <= b
+        )
+        pieces.append(GoldText(gold.text[a:b], mentions, f"{gold.source}[{a}:{b}]"))
+    return pieces
+
+
+def mix_clauses(texts: Sequence[GoldText], n: int, seed: int = 0, max_clauses: int = 3) -> List[GoldText]:
+    """``n`` synthetic gold texts, each 1 to ``max_clauses`` clauses of random training
+    texts joined, with their mentions.
+
+    Why: a small model trained on a few thousand sentences learns to *recall* each training
+    sentence from its prompt instead of learning to copy the prompt, and then rewrites every
+    unseen sentence into a remembered one. Sentences it has never seen, made of real
+    clauses with real annotation, make copying the only way to fit the data.
+    """
+    import random
+
+    rng = random.Random(seed)
+    pool = [c for g in texts for c in clauses(g) if c.text.strip()]
+    if not pool:
+        return []
+    out = []
+    for k in range(n):
+        parts = [rng.choice(pool) for _ in range(rng.randint(1, max_clauses))]
+        text, mentions, offset = "", [], 0
+        for part in parts:
+            mentions.extend(Mention(m.label, m.text, m.start + offset, m.end + offset) for m in part.mentions)
+            text += part.text
+            offset = len(text)
+        out.append(GoldText(text, tuple(mentions), f"mix#{k}"))
+    return out
+
+
 @registry.readers("spacy_medllm.StrategyRecords.v1")
 def make_strategy_records(
-    path: str, strategy: Any, scheme: Union[str, Dict[str, Any]] = "cmeee", spans_key: str = DEFAULT_SPANS_KEY, limit: int = 0
+    path: str,
+    strategy: Any,
+    scheme: Union[str, Dict[str, Any]] = "cmeee",
+    spans_key: str = DEFAULT_SPANS_KEY,
+    limit: int = 0,
+    mixed_texts: int = 0,
+    seed: int = 0,
 ) -> List[ChatRecord]:
     """Instruction records built in memory from a gold corpus (``.spacy`` or a corpus file)
-    by ``strategy``; ``limit`` > 0 reads only that many texts."""
+    by ``strategy``; ``limit`` > 0 reads only that many texts; ``mixed_texts`` adds that
+    many synthetic texts made of the corpus's clauses (:func:`mix_clauses`)."""
     from ..labels import get_scheme
 
-    return strategy_records(read_gold_texts(path, spans_key, limit), strategy, get_scheme(scheme))
+    texts = read_gold_texts(path, spans_key, limit)
+    texts += mix_clauses(texts, mixed_texts, seed)
+    return strategy_records(texts, strategy, get_scheme(scheme))
 
 
 @dataclass
