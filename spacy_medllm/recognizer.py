@@ -51,6 +51,8 @@ class Recognizer:
     constrained: decode per-label symbol prompts under the copy constraint.
     max_depth / max_span_chars: the constraint's structural limits (nesting depth, characters
         an entity may span).
+    open_bias: logit bias on opening brackets under the constraint (negative: fewer, surer
+        entities; see :class:`~spacy_medllm.types.CopyConstraint`).
     max_new_tokens: the generation budget per prompt.
     """
 
@@ -64,6 +66,7 @@ class Recognizer:
         constrained: bool = True,
         max_depth: int = 2,
         max_span_chars: int = 64,
+        open_bias: float = 0.0,
         max_new_tokens: int = 512,
     ) -> None:
         self.strategy = strategy
@@ -73,6 +76,7 @@ class Recognizer:
         self.constrained = constrained and hasattr(strategy, "copy_constraint")
         self.max_depth = max_depth
         self.max_span_chars = max_span_chars
+        self.open_bias = open_bias
         self.max_new_tokens = max_new_tokens
 
     def plan(self, texts: Sequence[str], format_prompt) -> List[PromptJob]:
@@ -93,6 +97,7 @@ class Recognizer:
                             self.strategy.copy_constraint(shard, prompt),
                             max_depth=self.max_depth,
                             max_span_chars=self.max_span_chars,
+                            open_bias=self.open_bias,
                         )
                     request = GenerationRequest(
                         prompt=format_prompt(prompt), max_new_tokens=self.max_new_tokens, constraint=constraint

@@ -48,6 +48,10 @@ class CopyConstraint:
     9 of 61,794 longer than 64). ``forbid_double_open`` disallows ``[[`` and ``forbid_empty``
     ``[]``. Brackets may only be inserted between source characters; a source that itself
     contains ``[`` or ``]`` is copied literally (the automaton keeps both readings).
+    ``open_bias`` is added to the logit of every token that starts with ``open``: a
+    negative bias makes the decoder open only the brackets it is surer of, a precision /
+    recall knob tuned on dev data like a threshold (the log-probabilities reported are
+    then those of the biased distribution).
     """
 
     source: str
@@ -58,6 +62,7 @@ class CopyConstraint:
     max_span_chars: int = 64
     forbid_double_open: bool = True
     forbid_empty: bool = True
+    open_bias: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.open or not self.close or self.open == self.close:

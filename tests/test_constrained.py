@@ -192,6 +192,22 @@ def test_speculative_equals_constrained_greedy(char_tok, arch, seed):
     assert s_stats.accepted_tokens > 0
 
 
+def test_open_bias_trades_brackets_and_keeps_speculation_exact(char_tok):
+    from dataclasses import replace
+
+    model = _model(char_tok, "qwen2", 5)
+    prompts, constraints = _rows(char_tok, _sentences(2))
+    counts = []
+    for bias in (4.0, 0.0, -50.0):
+        biased = [replace(c, open_bias=bias) for c in constraints]
+        greedy, _ = _decode(model, char_tok, prompts, biased, speculative=False, share_prefix=False)
+        spec, _ = _decode(model, char_tok, prompts, biased, speculative=True, share_prefix=True)
+        assert [r.token_ids for r in spec] == [r.token_ids for r in greedy]
+        assert all(_is_valid_answer(r.text, c) for r, c in zip(greedy, biased))
+        counts.append(sum(r.text.count("[") for r in greedy))
+    assert counts[0] > counts[1] > counts[2] == 0
+
+
 def test_speculative_and_shared_prefix_with_bpe(bpe_tok):
     model = _model(bpe_tok, "qwen2", 3)
     prompts, constraints = _rows(bpe_tok, _sentences(2))

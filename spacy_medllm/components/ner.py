@@ -54,6 +54,7 @@ TEMPLATE_FILE = "template.jinja"
         "constrained": True,
         "max_depth": 2,
         "max_span_chars": 64,
+        "open_bias": 0.0,
         "save_io": False,
         "copy_base": "auto",
     },
@@ -72,6 +73,7 @@ def make_medllm_ner(
     constrained: bool,
     max_depth: int,
     max_span_chars: int,
+    open_bias: float,
     save_io: bool,
     copy_base: Any,
 ) -> "MedLLMNer":
@@ -79,7 +81,9 @@ def make_medllm_ner(
     CMeEE model shipped with the package); ``adapter``: a peft adapter directory; ``strategy``
     and ``labels``: how to prompt and parse; ``max_chars``: shard longer texts at sentence ends;
     ``normalize``: OpenCC configuration (e.g. "t2s") applied character by character;
-    ``constrained``: copy-constrained decoding for the symbol strategy; ``copy_base``: store
+    ``constrained``: copy-constrained decoding for the symbol strategy, with ``max_depth``,
+    ``max_span_chars`` and ``open_bias`` (a logit bias on opening brackets, tuned on dev);
+    ``copy_base``: store
     the base weights in a saved pipeline (true / false / "auto" = when smaller than 200 MB)."""
     return MedLLMNer(
         nlp,
@@ -94,6 +98,7 @@ def make_medllm_ner(
             constrained=constrained,
             max_depth=max_depth,
             max_span_chars=max_span_chars,
+            open_bias=open_bias,
             max_new_tokens=max_new_tokens,
         ),
         batch_size=batch_size,

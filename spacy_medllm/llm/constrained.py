@@ -245,6 +245,13 @@ class VocabIndex:
         self.tokenizer_ref = weakref.ref(tokenizer)
         self.size = len(tokenizer)
 
+    def ids_starting_with(self, prefix: bytes) -> List[int]:
+        """Every token whose byte string starts with ``prefix``."""
+        lo, hi = 0, len(self.keys)
+        for i in range(1, len(prefix) + 1):
+            lo, hi = self.narrow(prefix[:i], lo, hi)
+        return [tid for ids in self.ids[lo:hi] for tid in ids]
+
     def narrow(self, prefix: bytes, lo: int, hi: int) -> Tuple[int, int]:
         """The range within [lo, hi) (keys starting with prefix[:-1]) of keys starting with prefix."""
         lo = bisect.bisect_left(self.keys, prefix, lo, hi)
@@ -587,6 +594,17 @@ class _Scores:
         return ids[best], allowed[ids[best]], float(values[best]) - self.log_norm(r, p)
 
 
+def _bias_open_brackets(logits, rows: Sequence["_Row"], index: VocabIndex) -> None:
+    """Add each row's ``open_bias`` to the logits of the tokens that open a bracket, in
+    place, before any choice is made (so speculative and plain decoding see the same
+    scores and stay identical)."""
+    for r, row in enumerate(rows):
+        constraint = row.automaton.constraint
+        if constraint.open_bias:
+            ids = index.ids_starting_with(constraint.open.encode("utf8"))
+            logits[r, :, ids] += constraint.open_bias
+
+
 def _advance_token(index: VocabIndex, automaton: CopyAutomaton, configs: Configs, token: int, eos_ids):
     """The configuration after ``token``, or None when it is not legal here."""
     if token in eos_ids:
@@ -647,6 +665,7 @@ def _decode_batch(model, tokenizer, index, prompts, constraints, max_new, eos_id
         first = width - min(len(row.pending) - 1 for row in batch_rows)  # logits kept per row
         logits = batch.forward(blocks, [row.pos for row in batch_rows], keep_last=first)
         offset = width - logits.shape[1]
+        _bias_open_brackets(logits, batch_rows, index)
         scores = _Scores(logits)
         stats.forward_passes += 1
         keep_rows, kept_new = [], []

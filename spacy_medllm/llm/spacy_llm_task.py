@@ -66,6 +66,7 @@ def make_ner_task(
     constrained: bool = True,
     max_depth: int = 2,
     max_span_chars: int = 64,
+    open_bias: float = 0.0,
     max_new_tokens: int = 512,
     search: str = "nearest",
     alignment_mode: str = "strict",
@@ -82,6 +83,7 @@ def make_ner_task(
         constrained=constrained,
         max_depth=max_depth,
         max_span_chars=max_span_chars,
+        open_bias=open_bias,
         max_new_tokens=max_new_tokens,
     )
     if scorer is None:
