@@ -137,6 +137,14 @@ def test_clause_mixing_keeps_every_mention_valid():
         for m in text.mentions:
             assert text.text[m.start : m.end] == m.text
     assert mix_clauses([gold], 5, seed=3) == mix_clauses([gold], 5, seed=3)
+    noisy = mix_clauses(gold_texts(), 200, seed=1, noise=0.5)
+    changed = total = 0
+    for text, clean in zip(noisy, mix_clauses(gold_texts(), 200, seed=1)):
+        inside = {i for m in clean.mentions for i in range(m.start, m.end)}
+        assert all(text.text[i] == clean.text[i] for i in inside) and text.mentions == clean.mentions
+        changed += sum(a != b for a, b in zip(text.text, clean.text))
+        total += len(clean.text) - len(inside)
+    assert 0.25 < changed / total < 0.55  # half replaced, some by the same character
 
 
 def test_read_chat_records_skips_and_reports_bad_lines(tmp_path, capsys):

@@ -173,21 +173,28 @@ def clauses(gold: GoldText) -> List[GoldText]:
     return pieces
 
 
-def mix_clauses(texts: Sequence[GoldText], n: int, seed: int = 0, max_clauses: int = 3) -> List[GoldText]:
+def mix_clauses(
+    texts: Sequence[GoldText], n: int, seed: int = 0, max_clauses: int = 3, noise: float = 0.0
+) -> List[GoldText]:
     """``n`` synthetic gold texts, each 1 to ``max_clauses`` clauses of random training
-    texts joined, with their mentions.
+    texts joined, with their mentions; with ``noise`` > 0 that share of the characters
+    outside every mention is replaced by characters drawn from the corpus.
 
     Why: a small model trained on a few thousand sentences learns to *recall* each training
-    sentence from its prompt instead of learning to copy the prompt, and then rewrites every
-    unseen sentence into a remembered one. Sentences it has never seen, made of real
-    clauses with real annotation, make copying the only way to fit the data.
+    sentence from its prompt instead of learning to copy the prompt (measured: answer loss
+    0.23 per token on training sentences, 6.8 on dev ones), and then rewrites every unseen
+    sentence into a remembered one. Texts it has never seen, made of real clauses with
+    real annotation (the noise keeps it from recalling clauses), make copying the only
+    way to fit the data.
     """
     import random
 
     rng = random.Random(seed)
+    noise_rng = random.Random(seed + 7919)  # its own stream: the clauses chosen do not depend on noise
     pool = [c for g in texts for c in clauses(g) if c.text.strip()]
     if not pool:
         return []
+    chars = "".join(g.text for g in texts)
     out = []
     for k in range(n):
         parts = [rng.choice(pool) for _ in range(rng.randint(1, max_clauses))]
@@ -196,6 +203,12 @@ def mix_clauses(texts: Sequence[GoldText], n: int, seed: int = 0, max_clauses: i
             mentions.extend(Mention(m.label, m.text, m.start + offset, m.end + offset) for m in part.mentions)
             text += part.text
             offset = len(text)
+        if noise > 0:
+            inside = set(i for m in mentions for i in range(m.start, m.end))
+            text = "".join(
+                noise_rng.choice(chars) if i not in inside and noise_rng.random() < noise else ch
+                for i, ch in enumerate(text)
+            )
         out.append(GoldText(text, tuple(mentions), f"mix#{k}"))
     return out
 
@@ -208,15 +221,17 @@ def make_strategy_records(
     spans_key: str = DEFAULT_SPANS_KEY,
     limit: int = 0,
     mixed_texts: int = 0,
+    noise: float = 0.0,
     seed: int = 0,
 ) -> List[ChatRecord]:
     """Instruction records built in memory from a gold corpus (``.spacy`` or a corpus file)
     by ``strategy``; ``limit`` > 0 reads only that many texts; ``mixed_texts`` adds that
-    many synthetic texts made of the corpus's clauses (:func:`mix_clauses`)."""
+    many synthetic texts made of the corpus's clauses, ``noise`` of their characters
+    outside mentions replaced (:func:`mix_clauses`)."""
     from ..labels import get_scheme
 
     texts = read_gold_texts(path, spans_key, limit)
-    texts += mix_clauses(texts, mixed_texts, seed)
+    texts += mix_clauses(texts, mixed_texts, seed, noise=noise)
     return strategy_records(texts, strategy, get_scheme(scheme))
 
 
