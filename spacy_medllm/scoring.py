@@ -171,7 +171,7 @@ def _span_pairs(
 # ---------------------------------------------------------------------------------------
 
 
-def _add_span_sets(scores: SpanScores, gold: Set[CharSpan], pred: Set[CharSpan]) -> None:
+def add_span_sets(scores: SpanScores, gold: Set[CharSpan], pred: Set[CharSpan]) -> None:
     """Add one document's gold and predicted sets to ``scores``."""
     for label in {s.label for s in gold} | {s.label for s in pred}:
         g = {s for s in gold if s.label == label}
@@ -195,7 +195,7 @@ def _add_span_sets(scores: SpanScores, gold: Set[CharSpan], pred: Set[CharSpan])
 def _score_view(examples: Iterable[Example], getter: Getter, has_annotation: HasAnnotation) -> SpanScores:
     scores = SpanScores()
     for _, _, gold, pred in _span_pairs(examples, getter, has_annotation, scores):
-        _add_span_sets(scores, gold, pred)
+        add_span_sets(scores, gold, pred)
     return scores
 
 

@@ -1,6 +1,7 @@
 """Instruction tuning: the response-only label mask, length buckets, full / LoRA / QLoRA
 training of tiny models (the loss falls), resume = uninterrupted, reproducibility, the
 saved output reloading through the shared loader, clear errors, and the CLI."""
+from collections import Counter
 import json
 import os
 import subprocess
@@ -21,7 +22,8 @@ from spacy_medllm.llm.tiny import (
 )
 from spacy_medllm.scoring import CharSpan
 from spacy_medllm.strategies.symbol import SymbolStrategy
-from spacy_medllm.training.evaluate import DevExample, GenerationEvaluator, locate
+from spacy_medllm.components.align import place_mention
+from spacy_medllm.training.evaluate import DevExample, GenerationEvaluator
 from spacy_medllm.training.sft import LoraSettings, SFTConfig, SFTModel, train_sft
 from spacy_medllm.training.sft_data import (
     IGNORE_INDEX,
@@ -257,7 +259,7 @@ def test_evaluator_scores_strict_micro_f1_by_hand():
                 gold = [Mention(lab, text[s:e], s, e) for t, ents in TEXTS if t == text for lab, s, e in ents]
                 prompt = strategy.prompt(text, scheme, scheme.code_of(asked))
                 answer = strategy.render_target(text, gold, prompt).replace("[呕吐]", "呕吐")
-                out.append(type("R", (), {"text": answer})())
+                out.append(answer)
             return out
 
     predictions, discarded = evaluator.predict(Echo())
@@ -265,7 +267,7 @@ def test_evaluator_scores_strict_micro_f1_by_hand():
     assert (scores["n_gold"], scores["n_pred"]) == (4, 3)
     assert scores["p"] == 1.0 and scores["r"] == 0.75 and abs(scores["f"] - 6 / 7) < 1e-9
     assert not discarded
-    assert locate("头痛头痛", Mention("sym", "头痛", hint=2)) == (2, 4)
+    assert place_mention(Mention("sym", "头痛", hint=2), "头痛头痛", "nearest", Counter()) == [(2, 4)]
 
 
 # -- errors and CLI ----------------------------------------------------------------------
@@ -292,12 +294,13 @@ def test_cli_trains_two_steps_with_overrides(qwen_dir, tmp_path):
     out = tmp_path / "run"
     result = run_cli(
         ROOT / "configs" / "train_llm_tiny.cfg", "--output", out, "--paths.base_model", qwen_dir,
-        "--corpora.train.limit", 4, "--training.max_steps", 2, "--training.progress_bar", "false",
+        "--corpora.train.limit", 4, "--corpora.train.mixed_texts", 4, "--training.max_steps", 2, "--training.progress_bar", "false",
         "--evaluation.limit", 2, "--evaluation.constrained", "false", "--evaluation.max_new_tokens", 8,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Trained 2 steps" in result.stdout
     assert (out / "model-best" / "model.safetensors").exists() and (out / "config.cfg").exists()
+    assert (out / "model-best" / "prompt_template.jinja").read_text(encoding="utf8") == TEMPLATE.read_text(encoding="utf8")
     assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["eval"]["n_gold"] > 0
     bad = run_cli(ROOT / "configs" / "train_llm_tiny.cfg", "--output", out, "--paths.base_model", qwen_dir, "--paths.train", tmp_path / "missing.json")
     assert bad.returncode == 1 and "missing.json does not exist" in " ".join(bad.stdout.split())

@@ -26,7 +26,8 @@ def train_llm(
 ) -> TrainResult:
     """Resolve the config's ``[model]``, ``[corpora.train]``, ``[training]`` and optional
     ``[evaluation]`` blocks and train; ``output_dir`` falls back to ``[paths] output``.
-    Data and dev files are read before the model is loaded, so a wrong path fails fast."""
+    Data and dev files are read before the model is loaded, so a wrong path fails fast. A
+    template named by ``[corpora.train.strategy]`` is saved with the models."""
     config = load_config(config_path, overrides=overrides, interpolate=True)
     missing = [s for s in SECTIONS if s not in config]
     if missing:
@@ -44,9 +45,12 @@ def train_llm(
     evaluate = None
     if config.get("evaluation"):
         evaluate = registry.resolve({"evaluation": config["evaluation"]})["evaluation"]
+    template = (config["corpora"]["train"].get("strategy") or {}).get("template")
     output_dir.mkdir(parents=True, exist_ok=True)
     config.to_disk(output_dir / "config.cfg")
-    return train_sft(model_cfg, records, training, output_dir, evaluate=evaluate, resume_from=resume_from)
+    return train_sft(
+        model_cfg, records, training, output_dir, evaluate=evaluate, resume_from=resume_from, prompt_template=template
+    )
 
 
 @medllm_cli.command("train-llm", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

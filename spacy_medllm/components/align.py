@@ -134,26 +134,32 @@ class MedLLMAlign:
         return self.scorer(examples, **kwargs)
 
     def _places(self, mention: Mention, haystack: str) -> List[Tuple[int, int]]:
-        """Character ranges for a mention: its offsets, or where its text occurs."""
-        if mention.has_offsets:
-            if not (0 <= mention.start < mention.end <= len(haystack)):
-                self.stats["out_of_range"] += 1
-                return []
-            return [(mention.start, mention.end)]
-        found = _occurrences(haystack, mention.text)
-        if not found:
-            self.stats["not_found"] += 1
+        return place_mention(mention, haystack, self.search, self.stats)
+
+
+def place_mention(mention: Mention, haystack: str, search: str, problems: Counter) -> List[Tuple[int, int]]:
+    """Character ranges for a mention: its offsets, or where its text occurs in
+    ``haystack`` under the ``search`` policy; what cannot be placed is counted in
+    ``problems``."""
+    if mention.has_offsets:
+        if not (0 <= mention.start < mention.end <= len(haystack)):
+            problems["out_of_range"] += 1
             return []
-        if self.search == "all":
-            return found
-        if self.search == "unique":
-            if len(found) > 1:
-                self.stats["ambiguous"] += 1
-                return []
-            return found
-        if self.search == "nearest" and mention.hint is not None:
-            return [min(found, key=lambda se: (abs(se[0] - mention.hint), se[0]))]
-        return found[:1]
+        return [(mention.start, mention.end)]
+    found = _occurrences(haystack, mention.text)
+    if not found:
+        problems["not_found"] += 1
+        return []
+    if search == "all":
+        return found
+    if search == "unique":
+        if len(found) > 1:
+            problems["ambiguous"] += 1
+            return []
+        return found
+    if search == "nearest" and mention.hint is not None:
+        return [min(found, key=lambda se: (abs(se[0] - mention.hint), se[0]))]
+    return found[:1]
 
 
 def _occurrences(text: str, needle: str) -> List[Tuple[int, int]]:

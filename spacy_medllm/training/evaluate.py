@@ -19,11 +19,12 @@ from spacy.util import registry
 
 from .. import DEFAULT_SPANS_KEY
 from ..labels import LabelScheme, get_scheme
-from ..llm.generation import GenerationRequest, HFGenerator
+from ..components.align import place_mention
+from ..llm.generation import HFGenerator
 from ..llm.loader import LoadedLM, MedLLMLoadError, ModelSpec, clear_cache, load_lm
-from ..scoring import PRF, CharSpan
-from ..strategies.base import Strategy, merge_results
-from ..types import Mention
+from ..recognizer import Recognizer
+from ..scoring import CharSpan, SpanScores, add_span_sets
+from ..strategies.base import Strategy
 from .sft_data import read_gold_texts
 
 ADAPTER_NAME = "sft"
@@ -64,22 +65,6 @@ def load_trained(model_dir: Union[str, Path], base: Optional[ModelSpec] = None) 
     lm = load_lm(base)
     lm.add_adapter(ADAPTER_NAME, str(model_dir))
     return lm, ADAPTER_NAME
-
-
-def locate(text: str, mention: Mention) -> Optional[Tuple[int, int]]:
-    """Character offsets of a mention: its own, or the occurrence of its text nearest its
-    ``hint`` (stand-in for ``medllm_align`` for strategies that give no offsets)."""
-    if mention.has_offsets:
-        return mention.start, mention.end
-    starts, i = [], text.find(mention.text)
-    while i >= 0:
-        starts.append(i)
-        i = text.find(mention.text, i + 1)
-    if not starts:
-        return None
-    hint = mention.hint if mention.hint is not None else 0
-    start = min(starts, key=lambda s: (abs(s - hint), s))
-    return start, start + len(mention.text)
 
 
 class GenerationEvaluator:
@@ -129,54 +114,44 @@ class GenerationEvaluator:
         return scores
 
     def predict(self, generator) -> Tuple[List[Set[CharSpan]], Counter]:
-        """Predicted character spans per dev example, and the parser's discard counts."""
-        requests, owners = [], []
-        for i, eg in enumerate(self.examples):
-            for prompt in self.strategy.prompts(eg.text, self.scheme):
-                constraint = self.constraint(eg.text, prompt) if self.constrained else None
-                budget = self.max_new_tokens or 4 * len(eg.text) + 64
-                requests.append(GenerationRequest(prompt.messages(), max_new_tokens=budget, constraint=constraint))
-                owners.append((i, prompt))
-        results = generator.generate(requests, batch_size=self.batch_size)
-        parsed: List[list] = [[] for _ in self.examples]
-        for (i, prompt), result in zip(owners, results):
-            parsed[i].append(self.strategy.parse(self.examples[i].text, result.text, prompt))
+        """Predicted character spans per dev example, and the parser's discard counts:
+        the generator's own prompting and parsing (:class:`~spacy_medllm.recognizer.Recognizer`)
+        and the aligner's placement of offset-less mentions."""
+        texts = [eg.text for eg in self.examples]
+        recognizer = Recognizer(
+            self.strategy,
+            self.scheme,
+            max_chars=None,
+            constrained=self.constrained,
+            max_new_tokens=self.max_new_tokens or 4 * max(len(t) for t in texts) + 64,
+            **self.limits,
+        )
+        jobs = recognizer.plan(texts, lambda prompt: prompt.messages())
+        results = generator.generate([job.request for job in jobs], batch_size=self.batch_size)
         predictions, discarded = [], Counter()
-        for eg, results_of_text in zip(self.examples, parsed):
-            merged = merge_results(results_of_text)
-            discarded.update(merged.discarded)
-            spans = set()
-            for m in merged.mentions:
-                where = locate(eg.text, m)
-                if where is None:
-                    discarded["unlocated"] += 1
-                else:
-                    spans.add(CharSpan(where[0], where[1], m.label))
-            predictions.append(spans)
+        for text, recognition in zip(texts, recognizer.read(texts, jobs, results)):
+            discarded.update(recognition.discarded)
+            predictions.append(
+                {
+                    CharSpan(start, end, m.label)
+                    for m in recognition.mentions
+                    for start, end in place_mention(m, text, "nearest", discarded)
+                }
+            )
         return predictions, discarded
-
-    def constraint(self, text: str, prompt: Any) -> Any:
-        return replace(self.strategy.copy_constraint(text, prompt), **self.limits)
 
     def score(self, predictions: Sequence[Set[CharSpan]]) -> Dict[str, Any]:
         """Strict micro P/R/F1 over (start, end, label) sets, overall and per type."""
-        total, per_type = PRF(), {}
+        scores = SpanScores()
         for eg, pred in zip(self.examples, predictions):
-            for label in {s.label for s in eg.gold} | {s.label for s in pred}:
-                gold_l = {s for s in eg.gold if s.label == label}
-                pred_l = {s for s in pred if s.label == label}
-                tp = len(gold_l & pred_l)
-                counts = PRF(n_pred=len(pred_l), n_gold=len(gold_l), pred_hits=tp, gold_hits=tp)
-                total += counts
-                per_type.setdefault(label, PRF())
-                per_type[label] += counts
+            add_span_sets(scores, set(eg.gold), pred)
         return {
-            "p": total.p,
-            "r": total.r,
-            "f": total.f,
-            "n_pred": total.n_pred,
-            "n_gold": total.n_gold,
-            "per_type_f": {label: prf.f for label, prf in sorted(per_type.items())},
+            "p": scores.strict.p,
+            "r": scores.strict.r,
+            "f": scores.strict.f,
+            "n_pred": scores.strict.n_pred,
+            "n_gold": scores.strict.n_gold,
+            "per_type_f": {label: prf.f for label, prf in sorted(scores.per_label.items())},
         }
 
 
@@ -212,4 +187,4 @@ def make_generation_evaluator(
     )
 
 
-__all__ = ["DevExample", "read_dev_examples", "load_trained", "locate", "GenerationEvaluator", "ADAPTER_NAME"]
+__all__ = ["DevExample", "read_dev_examples", "load_trained", "GenerationEvaluator", "ADAPTER_NAME"]

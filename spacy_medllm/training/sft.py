@@ -266,8 +266,11 @@ def trainable_state(model) -> Dict[str, Any]:
     return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_model(model, tokenizer, path: Path) -> None:
-    """Weights (full, or the peft adapter) and tokenizer in the Hugging Face format."""
+def save_model(model, tokenizer, path: Path, prompt_template: Optional[Path] = None) -> None:
+    """Weights (full, or the peft adapter) and tokenizer in the Hugging Face format, and
+    the prompt template the records were built with (``medllm_ner`` prompts with it)."""
+    from ..components.ner import MODEL_TEMPLATE_FILE
+
     if path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True)
@@ -275,6 +278,8 @@ def save_model(model, tokenizer, path: Path) -> None:
     model.save_pretrained(str(path))
     model.config.use_cache = False
     tokenizer.save_pretrained(str(path))
+    if prompt_template is not None:
+        shutil.copyfile(prompt_template, path / MODEL_TEMPLATE_FILE)
 
 
 # --------------------------------------------------------------------------- training
@@ -320,13 +325,15 @@ def train_sft(
     output_dir: Union[str, Path],
     evaluate: Optional[Evaluator] = None,
     resume_from: Optional[Union[str, Path]] = None,
+    prompt_template: Optional[Union[str, Path]] = None,
 ) -> TrainResult:
     """Fine-tune ``model_cfg`` on ``records``; see the module docstring for what is saved.
 
     ``evaluate(model_dir) -> dict`` is called with ``model-last`` at the end of each epoch
     (or every ``eval_every`` steps) and at the end; its ``config.score_key`` figure picks
     ``model-best``. ``resume_from``: a ``checkpoints/checkpoint-<step>`` directory of an
-    earlier run with the same data and settings.
+    earlier run with the same data and settings. ``prompt_template``: the strategy template
+    file the records were built with, saved with every model.
     """
     import torch
     from tqdm import tqdm
@@ -336,6 +343,8 @@ def train_sft(
     hf_logging.disable_progress_bar()  # per-save "Writing model shards" bars drown the log
     start_time = time.perf_counter()
     output_dir = Path(output_dir)
+    if prompt_template is not None and not Path(prompt_template).is_file():
+        raise SFTError(f"Prompt template {prompt_template} does not exist.")
     if config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)
@@ -416,7 +425,7 @@ def train_sft(
         log_file.flush()
 
     def run_evaluation() -> None:
-        save_model(model, tokenizer, output_dir / "model-last")
+        save_model(model, tokenizer, output_dir / "model-last", prompt_template)
         scores: Dict[str, Any] = {}
         if evaluate is not None:
             model.eval()
