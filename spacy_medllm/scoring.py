@@ -35,6 +35,14 @@ from wasabi import table
 
 from . import DEFAULT_SPANS_KEY
 
+# What training with these components optimises (spaCy's ``default_score_weights``): the
+# strict F1 of the nested group under the default key.
+SCORE_WEIGHTS = {
+    f"spans_{DEFAULT_SPANS_KEY}_f": 1.0,
+    f"spans_{DEFAULT_SPANS_KEY}_p": 0.0,
+    f"spans_{DEFAULT_SPANS_KEY}_r": 0.0,
+}
+
 
 class CharSpan(NamedTuple):
     """A labelled character interval, end exclusive."""

@@ -17,6 +17,7 @@ from spacy.tokens import Doc, Span
 from spacy.training import Example
 
 from .. import DEFAULT_SPANS_KEY
+from ..scoring import SCORE_WEIGHTS
 from ..spans import FLAT_POLICIES, set_spans
 from ..types import Mention
 
@@ -41,6 +42,8 @@ if not Doc.has_extension("llm_search_text"):
         "flat_policy": "longest",
         "scorer": {"@scorers": "spacy_medllm.span_scorer.v1", "spans_key": DEFAULT_SPANS_KEY},
     },
+    assigns=["doc.spans", "doc.ents"],
+    default_score_weights=SCORE_WEIGHTS,
 )
 def make_medllm_align(
     nlp: Language,

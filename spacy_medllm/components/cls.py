@@ -28,6 +28,7 @@ from spacy.util import minibatch
 from .. import DEFAULT_SPANS_KEY
 from ..llm.cls_head import SpanClassifier, load_classifier
 from ..llm.loader import ModelSpec
+from ..scoring import SCORE_WEIGHTS
 from ..spans import FLAT_POLICIES, set_spans
 from ..training.cls_data import span_context
 
@@ -46,11 +47,7 @@ GENERATOR_SCORES = "generator_scores"
         "scorer": {"@scorers": "spacy_medllm.span_scorer.v1", "spans_key": DEFAULT_SPANS_KEY},
     },
     assigns=["doc.spans", "doc.ents"],
-    default_score_weights={
-        f"spans_{DEFAULT_SPANS_KEY}_f": 1.0,
-        f"spans_{DEFAULT_SPANS_KEY}_p": 0.0,
-        f"spans_{DEFAULT_SPANS_KEY}_r": 0.0,
-    },
+    default_score_weights=SCORE_WEIGHTS,
 )
 def make_medllm_cls(
     nlp: Language,

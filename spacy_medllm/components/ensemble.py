@@ -18,6 +18,7 @@ from spacy.util import ensure_path, minibatch
 from .. import DEFAULT_SPANS_KEY
 from ..ensemble import Resolver, compare, doc_groups
 from ..ensemble import llm_resolver  # noqa: F401  (registers spacy_medllm.LLMResolver.v1)
+from ..scoring import SCORE_WEIGHTS
 from ..spans import FLAT_POLICIES, set_spans
 from ..training.exemplars import collect_entities, select_exemplars, tfidf_embedder
 
@@ -34,11 +35,7 @@ EXEMPLARS_FILE = "exemplars.json"
         "scorer": {"@scorers": "spacy_medllm.span_scorer.v1", "spans_key": DEFAULT_SPANS_KEY},
     },
     assigns=["doc.spans", "doc.ents"],
-    default_score_weights={
-        f"spans_{DEFAULT_SPANS_KEY}_f": 1.0,
-        f"spans_{DEFAULT_SPANS_KEY}_p": 0.0,
-        f"spans_{DEFAULT_SPANS_KEY}_r": 0.0,
-    },
+    default_score_weights=SCORE_WEIGHTS,
 )
 def make_medllm_ensemble(
     nlp: Language,
