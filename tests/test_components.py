@@ -335,3 +335,21 @@ def test_custom_template_is_stored_with_the_pipeline(tiny_dirs, tmp_path):
     after = spacy.load(tmp_path / "pipe")(SENTENCES[1])
     assert [r["prompt"] for r in after._.llm_io["medllm_ner"]] == [r["prompt"] for r in before._.llm_io["medllm_ner"]]
     assert span_tuples(after) == span_tuples(before)
+
+
+def test_embedded_default_runs_with_its_own_prompt_template():
+    """``add_pipe("medllm_ner")`` with no config runs the tiny model shipped in the package,
+    prompted the way it was tuned (the template its directory carries)."""
+    from spacy_medllm.embedded import EMBEDDED_DIR, resolve_model_path
+
+    assert resolve_model_path("embedded") == EMBEDDED_DIR
+    nlp = char_nlp()
+    nlp.add_pipe("medllm_ner", config={"save_io": True, "max_new_tokens": 64})
+    nlp.add_pipe("medllm_align")
+    doc = nlp(SENTENCES[1])
+    io = doc._.llm_io["medllm_ner"]
+    assert len(io) == len(CMEEE.codes)
+    template = (EMBEDDED_DIR / "prompt_template.jinja").read_text(encoding="utf8")
+    assert "label.name" in template and io[0]["prompt"].count(SENTENCES[1]) == 1
+    assert "你是" not in io[0]["prompt"]  # not the builtin instruction the model was not tuned on
+    assert all(doc.text[s.start_char : s.end_char] == s.text for s in doc.spans["sc"])
