@@ -10,7 +10,6 @@ from spacy.training import Example
 
 from spacy_medllm.components.align import MedLLMAlign
 from spacy_medllm.labels import get_scheme
-from spacy_medllm.llm.generation import GenerationRequest
 from spacy_medllm.llm.loader import MedLLMLoadError, ModelSpec, load_lm
 from spacy_medllm.llm.tiny import TinyModelConfig, init_tiny
 from spacy_medllm.recognizer import Recognizer
@@ -315,7 +314,6 @@ def test_spacy_llm_component_with_our_model_and_task(tiny_dirs):
     )
     for text in SENTENCES[:2]:
         assert span_tuples(nlp(text)) == span_tuples(ours(text))
-    assert isinstance(GenerationRequest(prompt="x"), GenerationRequest)
 
 
 def test_custom_template_is_stored_with_the_pipeline(tiny_dirs, tmp_path):

@@ -244,13 +244,18 @@ class VocabIndex:
         self.bytes_of: Dict[int, bytes] = {tid: k for k, ids in zip(self.keys, self.ids) for tid in ids}
         self.tokenizer_ref = weakref.ref(tokenizer)
         self.size = len(tokenizer)
+        self._starting_with: Dict[bytes, List[int]] = {}
 
     def ids_starting_with(self, prefix: bytes) -> List[int]:
-        """Every token whose byte string starts with ``prefix``."""
-        lo, hi = 0, len(self.keys)
-        for i in range(1, len(prefix) + 1):
-            lo, hi = self.narrow(prefix[:i], lo, hi)
-        return [tid for ids in self.ids[lo:hi] for tid in ids]
+        """Every token whose byte string starts with ``prefix`` (cached: the decoder asks
+        for the opening bracket's tokens on every pass)."""
+        found = self._starting_with.get(prefix)
+        if found is None:
+            lo, hi = 0, len(self.keys)
+            for i in range(1, len(prefix) + 1):
+                lo, hi = self.narrow(prefix[:i], lo, hi)
+            found = self._starting_with[prefix] = [tid for ids in self.ids[lo:hi] for tid in ids]
+        return found
 
     def narrow(self, prefix: bytes, lo: int, hi: int) -> Tuple[int, int]:
         """The range within [lo, hi) (keys starting with prefix[:-1]) of keys starting with prefix."""
