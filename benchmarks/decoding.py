@@ -1,6 +1,6 @@
 """Decoding benchmark for the symbol strategy: plain greedy vs copy-constrained decoding.
 
-    python benchmarks/decoding.py --sentences N [--model DIR [--template FILE]] [--batch-sentences K]
+    python benchmarks/decoding.py --sentences N [--model embedded|random|DIR [--template FILE]] [--batch-sentences K]
 
 For N CMeEE sentences (assets/cmeee_dev.json) it builds the 9 per-type symbol prompts and
 decodes them four ways, each in batches of K sentences (9K rows):
@@ -11,17 +11,16 @@ decodes them four ways, each in batches of K sentences (9K rows):
 (d) (c) + the shared prompt prefix (instruction once per batch, sentence once per
     sentence) computed once and its KV cache copied to the rows.
 
-``--model DIR`` loads a trained checkpoint (e.g. the tiny model fine-tuned by
-``train-llm``; pass the prompt template it was trained with, e.g.
-``--template configs/templates/symbol_tiny.zh.jinja``); without it a random tiny
-character-level Qwen2 is built (``--hidden``/``--layers``). Under the constraint a random
-model puts a bracket wherever one is legal about half of the time, so the draft is
-rejected every few tokens: the worst case for speculation. ``--overfit-steps K`` first
-trains the model on the gold answers of the benchmark's own sentences, a stand-in for a
-well fine-tuned model that copies and brackets only entities (a speed measurement, not a
-quality one; it takes minutes, beyond the two-minute default run).
+By default the model is the shipped tiny checkpoint (``--model embedded``, prompted with the
+template it was tuned with, its ``prompt_template.jinja``); ``--model DIR`` loads another
+trained checkpoint (``--template FILE`` when its directory carries none), ``--model
+random`` builds a random tiny character-level Qwen2 (``--hidden``/``--layers``). Under the
+constraint a random model's brackets fall anywhere, so its drafts are rejected every few
+tokens: the worst case for speculation. ``--overfit-steps K`` first trains the model on the
+gold answers of the benchmark's own sentences, a stand-in for a model that copies and
+brackets only entities (a speed measurement, not a quality one; it takes minutes).
 
-A random model stops whenever it likes, so without a trained model (a) gets
+A random model stops whenever it likes, so for ``random`` (a) gets
 ``min_new_tokens = max_new_tokens`` = the longest constrained answer of the batch: plain
 greedy then produces as many tokens as the constrained answers need. With a trained
 model (a) gets ``max_new_tokens = len(prefix) + 2*len(source) + 8`` and stops at EOS.
@@ -53,11 +52,13 @@ from spacy_medllm.llm.constrained import (  # noqa: E402
 
 
 def load_model(path, hidden=256, layers=4):
-    """A trained checkpoint (``path``) or a random tiny char-level Qwen2 built here."""
-    if path:
+    """A trained checkpoint (``path``; ``embedded``: the shipped tiny model) or, for
+    ``random``, a random tiny char-level Qwen2 built here."""
+    if path != "random":
+        from spacy_medllm.embedded import resolve_model_path
         from spacy_medllm.llm.loader import ModelSpec, load_lm
 
-        lm = load_lm(ModelSpec(path=str(path), device="cpu"))
+        lm = load_lm(ModelSpec(path=str(resolve_model_path(path)), device="cpu"))
         return lm.model.eval(), lm.tokenizer, f"checkpoint {path}"
     from spacy_medllm.llm.tiny import (
         TinyModelConfig,
@@ -71,6 +72,17 @@ def load_model(path, hidden=256, layers=4):
     model = build_tiny_model(tokenizer, config).eval()
     n = sum(p.numel() for p in model.parameters())
     return model, tokenizer, f"random tiny char-level Qwen2 ({n / 1e6:.1f}M parameters, {config})"
+
+
+def checkpoint_template(path):
+    """The prompt template a checkpoint was tuned with (``prompt_template.jinja`` in its
+    directory), or None: the strategy's builtin one."""
+    if path == "random":
+        return None
+    from spacy_medllm.embedded import resolve_model_path
+
+    found = resolve_model_path(path) / "prompt_template.jinja"
+    return str(found) if found.exists() else None
 
 
 def build_rows(examples, tokenizer, template=None):
@@ -203,8 +215,12 @@ def aligned_share(strategy, rows, texts):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sentences", type=int, default=6, help="CMeEE dev sentences (9 prompts each)")
-    parser.add_argument("--model", default=None, help="trained checkpoint directory (default: random tiny)")
-    parser.add_argument("--template", default=None, help="prompt template the checkpoint was trained with")
+    parser.add_argument(
+        "--model", default="embedded", help="checkpoint directory, 'embedded' (the shipped tiny model) or 'random'"
+    )
+    parser.add_argument(
+        "--template", default=None, help="prompt template (default: the checkpoint's prompt_template.jinja)"
+    )
     parser.add_argument("--batch-sentences", type=int, default=2, help="sentences per batch, all modes")
     parser.add_argument("--max-draft", type=int, default=32, help="most draft tokens per speculative pass")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -219,10 +235,11 @@ def main():
 
     torch.set_num_threads(args.threads)
     model, tokenizer, described = load_model(args.model, args.hidden, args.layers)
+    template = args.template or checkpoint_template(args.model)
     data = json.loads((ROOT / "assets" / "cmeee_dev.json").read_text(encoding="utf8"))
     examples = [d for d in data if 0 < len(d["text"]) <= args.max_chars][: args.sentences]
     texts = [eg["text"] for eg in examples]
-    strategy, rows = build_rows(examples, tokenizer, args.template)
+    strategy, rows = build_rows(examples, tokenizer, template)
     from spacy_medllm.llm.generation import stop_token_ids
 
     eos = stop_token_ids(tokenizer, model)
@@ -245,7 +262,7 @@ def main():
     with torch.inference_mode():
         model.generate(input_ids=torch.tensor([rows[0]["ids"]]), max_new_tokens=2, do_sample=False, pad_token_id=eos[0])
 
-    trained = bool(args.model or args.overfit_steps)
+    trained = args.model != "random" or bool(args.overfit_steps)
     modes = {
         "b": lambda: run_constrained(model, tokenizer, rows, eos, batch_rows, speculative=False, share_prefix=False),
         "c": lambda: run_constrained(

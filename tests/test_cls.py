@@ -270,10 +270,15 @@ def test_calibrate_pipeline_and_component():
     flt.score_docs = lambda docs: [fixed for _ in docs]  # the hand case of test_best_threshold
     gold = make_doc(nlp, "患者高热头痛", [(0, 2, "sym"), (2, 3, "dis"), (1, 3, "sym")], sents=(0,))
     examples = [Example(nlp.make_doc(gold.text), gold)]
-    assert calibrate(nlp, examples) == pytest.approx(0.45)
+    result = calibrate(nlp, examples)
+    assert result.threshold == pytest.approx(0.45)
+    # kept 0.9 (gold), 0.8, 0.6 (gold) of 3 gold; without the filter also 0.3
+    assert result.filtered == pytest.approx((2 / 3, 2 / 3, 2 / 3))
+    assert result.unfiltered == pytest.approx((2 / 4, 2 / 3, 4 / 7))
+    assert (result.n_candidates, result.n_kept, result.n_gold) == (4, 3, 3)
     assert flt.threshold == 0.7  # left unchanged
     predicted = _candidates(nlp.make_doc(gold.text))
-    assert calibrate(flt, [Example(predicted, gold)]) == pytest.approx(0.45)
+    assert calibrate(flt, [Example(predicted, gold)]) == result
 
 
 def test_qlora_classifier_on_cpu_shares_the_base(tmp_path):

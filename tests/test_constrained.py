@@ -192,20 +192,46 @@ def test_speculative_equals_constrained_greedy(char_tok, arch, seed):
     assert s_stats.accepted_tokens > 0
 
 
-def test_open_bias_trades_brackets_and_keeps_speculation_exact(char_tok):
+@pytest.mark.parametrize("text_mass,biases", [(False, (4.0, 0.0, -50.0)), (True, (8.0, 6.5, -50.0))])
+def test_open_bias_trades_brackets_and_keeps_speculation_exact(char_tok, text_mass, biases):
     from dataclasses import replace
 
     model = _model(char_tok, "qwen2", 5)
     prompts, constraints = _rows(char_tok, _sentences(2))
     counts = []
-    for bias in (4.0, 0.0, -50.0):
-        biased = [replace(c, open_bias=bias) for c in constraints]
+    for bias in biases:
+        biased = [replace(c, open_bias=bias, text_mass=text_mass) for c in constraints]
         greedy, _ = _decode(model, char_tok, prompts, biased, speculative=False, share_prefix=False)
         spec, _ = _decode(model, char_tok, prompts, biased, speculative=True, share_prefix=True)
         assert [r.token_ids for r in spec] == [r.token_ids for r in greedy]
         assert all(_is_valid_answer(r.text, c) for r, c in zip(greedy, biased))
         counts.append(sum(r.text.count("[") for r in greedy))
-    assert counts[0] > counts[1] > counts[2] == 0
+    # a random model's bracket probability is flat, so under text_mass the count jumps
+    assert counts[0] > counts[1] >= counts[2] == 0
+    assert counts[1] > 0 or text_mass
+
+
+def test_text_mass_weighs_a_bracket_against_all_text(char_tok):
+    """The decision by hand: "[" at logit 0 beats the source token at -1 alone, but not
+    the source token plus 100 other text tokens at -1 (log 101 - 1 > 0)."""
+    import torch
+
+    from spacy_medllm.llm.constrained import _Row, _Scores
+
+    index = vocab_index(char_tok)
+    source = _sentences(1)[0]
+    open_id = char_tok.convert_tokens_to_ids("[")
+    first = char_tok.encode(source[0], add_special_tokens=False)
+    others = [i for i in range(len(char_tok)) if i not in index.bracket_ids("[", "]") and i not in first][:100]
+    logits = torch.full((1, 1, len(char_tok)), -30.0, dtype=torch.float64)
+    logits[0, 0, open_id] = 0.0
+    logits[0, 0, first[0]] = logits[0, 0, others] = -1.0
+    for text_mass, expected in ((False, open_id), (True, first[0])):
+        automaton = CopyAutomaton(CopyConstraint(source=source, text_mass=text_mass))
+        row = _Row(automaton=automaton, configs=automaton.initial, pending=[], max_new=10, draft_len=4)
+        token, _, logprob = _Scores(logits).choose(0, 0, row, index, [char_tok.eos_token_id])
+        assert token == expected
+        assert logprob == pytest.approx(float(torch.log_softmax(logits[0, 0], -1)[expected]))
 
 
 def test_speculative_and_shared_prefix_with_bpe(bpe_tok):

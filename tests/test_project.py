@@ -28,8 +28,8 @@ SMALL_VARS = {
     "cls_size": 40,
     "cls_dev_size": 10,
     "cls_epochs": 1,
-    "cls_hidden": 32,
-    "cls_layers": 1,
+    "mine_limit": 4,
+    "threads": 1,
     "viz_limit": 2,
 }
 SLICE = {"cmeee_train": 12, "cmeee_dev": 2, "cmeee_test": 2}

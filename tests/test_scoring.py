@@ -348,6 +348,25 @@ def test_errors_cli(tmp_path, taxonomy_examples):
     assert res.returncode == 1 and "texts differ" in res.stdout
 
 
+def test_errors_cli_scores_another_predicted_group(tmp_path, taxonomy_examples):
+    """--pred-key: one generator's group of an ensemble against the gold sc group."""
+    preds = []
+    for e in taxonomy_examples:
+        doc = e.predicted.copy()
+        # generator a: exactly the gold
+        doc.spans["sc_a"] = [doc.char_span(s.start_char, s.end_char, s.label_) for s in e.reference.spans["sc"]]
+        doc.spans["sc"] = []
+        preds.append(doc)
+    _write_docbin(tmp_path / "gold.spacy", [e.reference for e in taxonomy_examples])
+    _write_docbin(tmp_path / "pred.spacy", preds)
+    res = _run("medllm", "errors", "gold.spacy", "pred.spacy", "--pred-key", "sc_a", "-o", "a.json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr + res.stdout
+    scores = json.loads((tmp_path / "a.json").read_text(encoding="utf8"))["scores"]
+    assert scores["spans_sc_p"] == scores["spans_sc_r"] == 1.0
+    res = _run("medllm", "errors", "gold.spacy", "pred.spacy", "--pred-key", "sc_z", cwd=tmp_path)
+    assert res.returncode == 1 and "sc_z" in res.stdout
+
+
 def test_examples_from_docs_checks_count():
     with pytest.raises(ValueError, match="1 gold docs but 0 predicted"):
         examples_from_docs([make_doc(TEN)], [])

@@ -22,7 +22,8 @@ def calibrate_cls_cli(
     # fmt: on
 ):
     """Run the dev texts through the pipeline up to the filter, scoring every candidate,
-    and print the threshold with the best strict F1 on the filter's span group."""
+    and print the threshold with the best strict F1 on the filter's span group, with the
+    dev P/R/F1 at that threshold and without the filter."""
     nlp = spacy.load(pipeline)
     try:
         flt = find_filter(nlp, component)
@@ -31,10 +32,20 @@ def calibrate_cls_cli(
     gold = list(DocBin().from_disk(dev_path).get_docs(nlp.vocab))
     examples = [Example(nlp.make_doc(doc.text), doc) for doc in gold]
     try:
-        threshold = calibrate(nlp, examples, flt.name)
+        result = calibrate(nlp, examples, flt.name)
     except ValueError as err:
         msg.fail("Cannot calibrate", str(err), exits=1)
+    threshold = result.threshold
     msg.good(f"{flt.name}: threshold {threshold:.4f} (was {flt.threshold:.4f})")
+    rows = [
+        ("without the filter", *result.unfiltered, result.n_candidates),
+        (f"filter at {threshold:.4f}", *result.filtered, result.n_kept),
+    ]
+    msg.table(
+        [(name, f"{100 * p:.2f}", f"{100 * r:.2f}", f"{100 * f:.2f}", n) for name, p, r, f, n in rows],
+        header=("dev, strict", "P", "R", "F", "spans"),
+        aligns=("l", "r", "r", "r", "r"),
+    )
     if output is not None:
         flt.threshold = threshold
         nlp.get_pipe_config(flt.name)["threshold"] = threshold

@@ -27,16 +27,24 @@ def errors_cli(
     gold_path: Path = Arg(..., help="Gold documents (.spacy)", exists=True, dir_okay=False),
     pred_path: Path = Arg(..., help="Predicted documents (.spacy): the same texts in the same order", exists=True, dir_okay=False),
     spans_key: str = Opt(DEFAULT_SPANS_KEY, "--spans-key", "-sk", help="Span group holding the nested entities"),
+    pred_key: Optional[str] = Opt(None, "--pred-key", "-pk", help="Predicted span group to score against the gold SPANS_KEY group (default: the same key), e.g. one generator of an ensemble"),
     output: Optional[Path] = Opt(None, "--output", "-o", help="Write scores and every error case as JSON", dir_okay=False),
     # fmt: on
 ):
     """Print strict, partial, macro and character-BIO P/R/F and the error taxonomy
     (false positives by category, false negatives, boundary length differences) of
     PRED_PATH against GOLD_PATH. Documents are paired by order and must have equal texts.
+    ``--pred-key`` scores another predicted span group (e.g. ``sc_a``, one generator of an
+    ensemble) against the gold ``--spans-key``; the flat rows always score ``doc.ents``.
     """
     vocab = Vocab()
     gold_docs = list(DocBin().from_disk(gold_path).get_docs(vocab))
     pred_docs = list(DocBin().from_disk(pred_path).get_docs(vocab))
+    if pred_key is not None and pred_key != spans_key:
+        if not any(pred_key in doc.spans for doc in pred_docs):
+            msg.fail(f"No predicted doc has doc.spans[{pred_key!r}]", exits=1)
+        for doc in pred_docs:
+            doc.spans[spans_key] = list(doc.spans[pred_key]) if pred_key in doc.spans else []
     try:
         examples = examples_from_docs(gold_docs, pred_docs)
     except ValueError as err:

@@ -17,6 +17,7 @@ weights, tokenizer, settings), never the base model of a LoRA classifier, which 
 through the shared loader: a generator and the filter on one base hold one copy.
 """
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -212,12 +213,34 @@ def best_threshold(candidates: Sequence[Tuple[float, bool]], n_gold: int) -> Tup
     return (probs[k] + lower) / 2, f
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """The chosen threshold, and strict micro P/R/F1 on the dev examples with the filter at
+    that threshold and without it (every candidate kept): what the filter is worth there."""
+
+    threshold: float
+    filtered: Tuple[float, float, float]
+    unfiltered: Tuple[float, float, float]
+    n_candidates: int
+    n_kept: int
+    n_gold: int
+
+
+def _prf(candidates: Sequence[Tuple[float, bool]], n_gold: int, threshold: float) -> Tuple[float, float, float]:
+    kept = [is_gold for p, is_gold in candidates if p >= threshold]
+    tp = sum(kept)
+    precision = tp / len(kept) if kept else 0.0
+    recall = tp / n_gold if n_gold else 0.0
+    return precision, recall, 2 * tp / (len(kept) + n_gold) if kept or n_gold else 0.0
+
+
 def calibrate(
     nlp_or_component: Union[Language, MedLLMClassifierFilter],
     dev_examples: Iterable[Example],
     name: Optional[str] = None,
-) -> float:
-    """The threshold of the filter that maximises strict F1 on ``dev_examples``.
+) -> Calibration:
+    """The threshold of the filter that maximises strict F1 on ``dev_examples``, with the
+    scores at that threshold and without the filter.
 
     With a pipeline, the dev texts run through it up to and including the filter; with a
     component, the examples' predicted docs must already hold the candidate group. The
@@ -255,4 +278,11 @@ def calibrate(
             best_p[k] = max(p, best_p.get(k, 0.0))
         candidates.extend((p, k in gold) for k, p in best_p.items())
     threshold, _ = best_threshold(candidates, n_gold)
-    return threshold
+    return Calibration(
+        threshold=threshold,
+        filtered=_prf(candidates, n_gold, threshold),
+        unfiltered=_prf(candidates, n_gold, 0.0),
+        n_candidates=len(candidates),
+        n_kept=sum(p >= threshold for p, _ in candidates),
+        n_gold=n_gold,
+    )

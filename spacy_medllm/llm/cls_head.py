@@ -36,14 +36,13 @@ import json
 import shutil
 import tempfile
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from ..embedded import resolve_model_path
 from .loader import LoadedLM, MedLLMLoadError, ModelSpec, default_adapter_name, load_lm
 
 MARKERS = ("<ent>", "</ent>")
@@ -314,7 +313,7 @@ def load_classifier(path: Union[str, Path], base: Optional[ModelSpec] = None) ->
     lm, adapter = None, None
     if settings.mode == "lora":
         spec = base if base is not None else ModelSpec(**settings.base)
-        lm = load_lm(replace(spec, path=str(resolve_model_path(spec.path))))
+        lm = load_lm(spec)
         adapter = default_adapter_name(path / "adapter")
         lm.add_adapter(adapter, str(path / "adapter"))
         model = lm.model

@@ -39,7 +39,7 @@ import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 from ..types import CopyConstraint
 
@@ -245,6 +245,8 @@ class VocabIndex:
         self.tokenizer_ref = weakref.ref(tokenizer)
         self.size = len(tokenizer)
         self._starting_with: Dict[bytes, List[int]] = {}
+        self._brackets: Dict[Tuple[str, str], FrozenSet[int]] = {}
+        self._masks: Dict[Any, Any] = {}
 
     def ids_starting_with(self, prefix: bytes) -> List[int]:
         """Every token whose byte string starts with ``prefix`` (cached: the decoder asks
@@ -256,6 +258,29 @@ class VocabIndex:
                 lo, hi = self.narrow(prefix[:i], lo, hi)
             found = self._starting_with[prefix] = [tid for ids in self.ids[lo:hi] for tid in ids]
         return found
+
+    def bracket_ids(self, open: str, close: str) -> FrozenSet[int]:
+        """The tokens whose text starts with ``open`` or ``close`` (cached)."""
+        key = (open, close)
+        found = self._brackets.get(key)
+        if found is None:
+            found = self._brackets[key] = frozenset(
+                self.ids_starting_with(open.encode("utf8")) + self.ids_starting_with(close.encode("utf8"))
+            )
+        return found
+
+    def bracket_mask(self, open: str, close: str, logits):
+        """A boolean vector over ``logits``' vocabulary axis, true on :meth:`bracket_ids`
+        (cached per device and width)."""
+        import torch
+
+        key = (open, close, logits.device, logits.shape[-1])
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            mask[sorted(i for i in self.bracket_ids(open, close) if i < logits.shape[-1])] = True
+            self._masks[key] = mask
+        return mask
 
     def narrow(self, prefix: bytes, lo: int, hi: int) -> Tuple[int, int]:
         """The range within [lo, hi) (keys starting with prefix[:-1]) of keys starting with prefix."""
@@ -575,17 +600,23 @@ class _Scores:
         return float(torch.logsumexp(self.logits[r, p], dim=0))
 
     def choose(self, r: int, p: int, row: _Row, index: VocabIndex, eos_ids) -> Tuple[int, Configs, float]:
-        """The constrained argmax at row ``r``, position ``p``, the configuration after it
+        """The constrained choice at row ``r``, position ``p``, the configuration after it
         and its raw log-softmax.
 
-        When the unconstrained argmax is legal it is the constrained argmax too (the
-        allowed set is a subset of the vocabulary; ties resolve to the lowest id in both),
-        so the allowed set is only built when the model wants an illegal token."""
+        Plain rule: the argmax over the allowed tokens. With ``constraint.text_mass`` the
+        allowed tokens that start with a bracket compete with the summed probability of
+        every token that does not (the model's "no bracket here"); the winning side's
+        best allowed token is taken. Either way a legal unconstrained argmax that is text
+        wins (the allowed set is a subset of the vocabulary; ties resolve to the lowest
+        id), so the allowed set is only built when the model wants a bracket or an
+        illegal token."""
         import torch
 
+        constraint = row.automaton.constraint
+        brackets = index.bracket_ids(constraint.open, constraint.close)
         token = self.top[r][p]
         after = _advance_token(index, row.automaton, row.configs, token, eos_ids)
-        if after is not None:
+        if after is not None and (token not in brackets or not constraint.text_mass):
             return token, after, self.top_value[r][p] - self.log_norm(r, p)
         allowed = _allowed(index, row.automaton, row.configs, eos_ids)
         if not allowed:
@@ -594,9 +625,15 @@ class _Scores:
                 f"{row.automaton.constraint.source!r}: the tokenizer cannot spell it."
             )
         ids = sorted(allowed)
-        values = self.logits[r, p, torch.tensor(ids)]
+        values = self.logits[r, p, torch.tensor(ids)].clone()
+        if constraint.text_mass:
+            is_bracket = torch.tensor([i in brackets for i in ids])
+            if is_bracket.any() and not is_bracket.all():
+                logits = self.logits[r, p]
+                text = torch.logsumexp(logits[~index.bracket_mask(constraint.open, constraint.close, logits)], dim=0)
+                values[is_bracket if text >= values[is_bracket].max() else ~is_bracket] = float("-inf")
         best = int(torch.argmax(values))
-        return ids[best], allowed[ids[best]], float(values[best]) - self.log_norm(r, p)
+        return ids[best], allowed[ids[best]], float(self.logits[r, p, ids[best]]) - self.log_norm(r, p)
 
 
 def _bias_open_brackets(logits, rows: Sequence["_Row"], index: VocabIndex) -> None:

@@ -244,8 +244,11 @@ _CACHE: Dict[ModelSpec, LoadedLM] = {}
 
 
 def load_lm(spec: ModelSpec) -> LoadedLM:
-    """The :class:`LoadedLM` for ``spec``, loaded on first use and shared afterwards."""
-    key = replace(spec, path=str(Path(spec.path).expanduser().resolve()))
+    """The :class:`LoadedLM` for ``spec``, loaded on first use and shared afterwards; the
+    path ``"embedded"`` is the tiny model shipped in the package."""
+    from ..embedded import resolve_model_path  # it imports this module
+
+    key = replace(spec, path=str(resolve_model_path(spec.path).expanduser().resolve()))
     if key not in _CACHE:
         _CACHE[key] = _load(key)
     return _CACHE[key]
