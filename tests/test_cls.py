@@ -279,6 +279,9 @@ def test_calibrate_pipeline_and_component():
     assert flt.threshold == 0.7  # left unchanged
     predicted = _candidates(nlp.make_doc(gold.text))
     assert calibrate(flt, [Example(predicted, gold)]) == result
+    # a generator that predicts nothing leaves the threshold as it is, nothing to raise
+    empty = calibrate(flt, [Example(nlp.make_doc(gold.text), gold)])
+    assert (empty.threshold, empty.n_candidates, empty.n_gold, empty.filtered) == (0.7, 0, 3, (0.0, 0.0, 0.0))
 
 
 def test_qlora_classifier_on_cpu_shares_the_base(tmp_path):

@@ -36,7 +36,13 @@ def calibrate_cls_cli(
     except ValueError as err:
         msg.fail("Cannot calibrate", str(err), exits=1)
     threshold = result.threshold
-    msg.good(f"{flt.name}: threshold {threshold:.4f} (was {flt.threshold:.4f})")
+    if not result.n_candidates:
+        msg.warn(
+            f"{flt.name}: the pipeline predicted no span on the {len(examples)} dev docs, so there is "
+            f"nothing to calibrate on; the threshold stays {threshold:.4f}"
+        )
+    else:
+        msg.good(f"{flt.name}: threshold {threshold:.4f} (was {flt.threshold:.4f})")
     rows = [
         ("without the filter", *result.unfiltered, result.n_candidates),
         (f"filter at {threshold:.4f}", *result.filtered, result.n_kept),

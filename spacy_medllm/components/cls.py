@@ -245,6 +245,8 @@ def calibrate(
     With a pipeline, the dev texts run through it up to and including the filter; with a
     component, the examples' predicted docs must already hold the candidate group. The
     filter keeps everything while scoring (threshold 0); its threshold is left unchanged.
+    When the generator predicts nothing on the dev texts the current threshold is returned
+    with ``n_candidates`` 0.
     """
     examples = list(dev_examples)
     if isinstance(nlp_or_component, Language):
@@ -277,6 +279,8 @@ def calibrate(
             k = (span.start_char, span.end_char, span.label_)
             best_p[k] = max(p, best_p.get(k, 0.0))
         candidates.extend((p, k in gold) for k, p in best_p.items())
+    if not candidates:  # nothing to choose from: keep the threshold, report zeros
+        return Calibration(saved, (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), 0, 0, n_gold)
     threshold, _ = best_threshold(candidates, n_gold)
     return Calibration(
         threshold=threshold,
