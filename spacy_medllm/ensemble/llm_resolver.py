@@ -221,7 +221,7 @@ class LLMResolver(Resolver):
         budget = len(tokenizer(prefix + region_text, add_special_tokens=False).input_ids)
         budget += 4 * len(region_text) + 8
         constraint = None
-        if self.constrained and _runtime_constrains():
+        if self.constrained:
             from ..llm.constrained import CopyConstraint
 
             longest = max(c.length for c in region.candidates)
@@ -249,15 +249,6 @@ class LLMResolver(Resolver):
                 lm.add_adapter(name, resolved)
             self._generator = HFGenerator(lm, adapter=name)
         return self._generator
-
-
-def _runtime_constrains() -> bool:
-    """Whether the runtime decodes requests that carry a copy constraint."""
-    try:
-        from ..llm.constrained import CopyConstraint, generate_constrained  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _load_template(template: Optional[str], language: str) -> jinja2.Template:

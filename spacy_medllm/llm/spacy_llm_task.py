@@ -7,7 +7,7 @@ group; the symbol strategy's prompts carry the copy constraint, which our model 
 Responses are parsed by the same :class:`~spacy_medllm.recognizer.Recognizer` and aligned by
 the same aligner as the ``medllm_ner`` → ``medllm_align`` pipeline.
 """
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 from spacy.tokens import Doc
 from spacy.training import Example
