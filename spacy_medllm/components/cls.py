@@ -29,7 +29,7 @@ from spacy.util import minibatch
 from .. import DEFAULT_SPANS_KEY
 from ..llm.cls_head import SpanClassifier, load_classifier
 from ..llm.loader import ModelSpec
-from ..scoring import SCORE_WEIGHTS
+from ..scoring import PRF, SCORE_WEIGHTS
 from ..spans import FLAT_POLICIES, set_spans
 from ..training.cls_data import span_context
 
@@ -228,10 +228,8 @@ class Calibration:
 
 def _prf(candidates: Sequence[Tuple[float, bool]], n_gold: int, threshold: float) -> Tuple[float, float, float]:
     kept = [is_gold for p, is_gold in candidates if p >= threshold]
-    tp = sum(kept)
-    precision = tp / len(kept) if kept else 0.0
-    recall = tp / n_gold if n_gold else 0.0
-    return precision, recall, 2 * tp / (len(kept) + n_gold) if kept or n_gold else 0.0
+    scores = PRF(n_pred=len(kept), n_gold=n_gold, pred_hits=sum(kept), gold_hits=sum(kept))
+    return scores.p, scores.r, scores.f
 
 
 def calibrate(

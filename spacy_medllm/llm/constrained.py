@@ -625,7 +625,7 @@ class _Scores:
                 f"{row.automaton.constraint.source!r}: the tokenizer cannot spell it."
             )
         ids = sorted(allowed)
-        values = self.logits[r, p, torch.tensor(ids)].clone()
+        values = self.logits[r, p, torch.tensor(ids)]  # advanced indexing: a copy
         if constraint.text_mass:
             is_bracket = torch.tensor([i in brackets for i in ids])
             if is_bracket.any() and not is_bracket.all():
