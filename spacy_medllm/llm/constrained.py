@@ -31,11 +31,13 @@ to the strategies without a strict copy constraint. ``benchmarks/decoding.py`` m
 of it against plain ``generate``.
 """
 import bisect
+import dataclasses
 import inspect
 import json
 import re
 import time
 import weakref
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -74,7 +76,7 @@ class CopyAutomaton:
     more when the source contains a bracket character). ``advance`` consumes one byte.
     """
 
-    def __init__(self, constraint: CopyConstraint):
+    def __init__(self, constraint: CopyConstraint, options_cache: Optional[Dict[Configs, "_Options"]] = None):
         self.constraint = constraint
         self.chars = [ch.encode("utf-8") for ch in constraint.source]
         self.open = constraint.open.encode("utf-8")
@@ -82,7 +84,11 @@ class CopyAutomaton:
         self.n = len(self.chars)
         self.initial: Configs = frozenset({((0, (), 0, False), constraint.forced_prefix.encode("utf-8"))})
         self._units: Dict[_Body, List[Tuple[bytes, _Body]]] = {}
-        self.allowed_cache: Dict[Configs, Dict[int, Configs]] = {}
+        # The allowed tokens per configuration set. Automata whose constraints differ only in
+        # the forced prefix (the per-type prompts of one sentence) may share it: a
+        # configuration inside the prefix carries its pending bytes, so the answer from a
+        # configuration depends on nothing else.
+        self.options_cache: Dict[Configs, "_Options"] = {} if options_cache is None else options_cache
 
     def units(self, state: _Body) -> List[Tuple[bytes, _Body]]:
         """The units (copied character, open, close) that may follow ``state``."""
@@ -246,7 +252,7 @@ class VocabIndex:
         self.size = len(tokenizer)
         self._starting_with: Dict[bytes, List[int]] = {}
         self._brackets: Dict[Tuple[str, str], FrozenSet[int]] = {}
-        self._masks: Dict[Any, Any] = {}
+        self._masks: Dict[Any, Any] = {}  # bracket index tensors
 
     def ids_starting_with(self, prefix: bytes) -> List[int]:
         """Every token whose byte string starts with ``prefix`` (cached: the decoder asks
@@ -269,18 +275,17 @@ class VocabIndex:
             )
         return found
 
-    def bracket_mask(self, open: str, close: str, logits):
-        """A boolean vector over ``logits``' vocabulary axis, true on :meth:`bracket_ids`
-        (cached per device and width)."""
+    def bracket_tensor(self, open: str, close: str, logits):
+        """:meth:`bracket_ids` within ``logits``' vocabulary axis, ascending, as an index
+        tensor on its device (cached per device and width)."""
         import torch
 
         key = (open, close, logits.device, logits.shape[-1])
-        mask = self._masks.get(key)
-        if mask is None:
-            mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-            mask[sorted(i for i in self.bracket_ids(open, close) if i < logits.shape[-1])] = True
-            self._masks[key] = mask
-        return mask
+        found = self._masks.get(key)
+        if found is None:
+            ids = sorted(i for i in self.bracket_ids(open, close) if i < logits.shape[-1])
+            found = self._masks[key] = torch.tensor(ids, dtype=torch.long, device=logits.device)
+        return found
 
     def narrow(self, prefix: bytes, lo: int, hi: int) -> Tuple[int, int]:
         """The range within [lo, hi) (keys starting with prefix[:-1]) of keys starting with prefix."""
@@ -399,15 +404,19 @@ class _Batch:
     Rows advance by different numbers of tokens per pass, so positions are given per row;
     blocks are right-padded, rejected and padded columns are masked and then dropped."""
 
-    def __init__(self, model, pad_id: int):
+    def __init__(self, model, pad_id: int, prefix: Optional["_Prefix"] = None):
+        self.model = model
+        self.pad_id = pad_id
+        self.prefix = prefix
+        self._reset(rows=0)
+        self.last_width = 0
+
+    def _reset(self, rows: int) -> None:
         import torch
         from transformers import DynamicCache
 
-        self.model = model
-        self.pad_id = pad_id
-        self.cache = DynamicCache(config=model.config)
-        self.mask = torch.zeros((1, 0), dtype=torch.long)
-        self.last_width = 0
+        self.cache = DynamicCache(config=self.model.config)
+        self.mask = torch.zeros((rows, 0), dtype=torch.long)
 
     def forward(self, blocks: Sequence[Sequence[int]], starts: Sequence[int], keep_last: int = 0):
         """One pass on a block of tokens per row (row r's first token at position
@@ -422,7 +431,7 @@ class _Batch:
             ids[r, : len(block)] = torch.tensor(list(block), dtype=torch.long)
             valid[r, : len(block)] = 1
         positions = torch.tensor(list(starts))[:, None] + torch.arange(width)
-        mask = torch.cat([self.mask.expand(len(blocks), -1), valid], dim=1)
+        mask = torch.cat([self.mask, valid], dim=1)
         device = self.model.device
         extra = {"logits_to_keep": min(keep_last, width)} if keep_last and _takes_logits_to_keep(self.model) else {}
         out = self.model(
@@ -437,14 +446,41 @@ class _Batch:
         self.last_width = width
         return out.logits
 
-    def seed(self, prefix: "_Prefix") -> None:
-        """Start from a cached prefix (one row) instead of computing it again."""
+    def add_rows(self, n: int) -> None:
+        """Append ``n`` rows that hold the common prefix (when there is one) and nothing
+        else: rows join a running batch as others finish."""
         import torch
 
-        for layer_idx, (keys, values) in enumerate(prefix.kv):
-            self.cache.update(keys, values, layer_idx)
-        self.mask = torch.ones((1, prefix.length), dtype=torch.long)
-        self.last_width = prefix.length
+        if n <= 0:
+            return
+        layers = [layer for layer in self.cache.layers if getattr(layer, "keys", None) is not None]
+        if self.prefix is None:
+            if layers:
+                for layer in layers:
+                    layer.keys = torch.cat([layer.keys, layer.keys.new_zeros((n, *layer.keys.shape[1:]))])
+                    layer.values = torch.cat([layer.values, layer.values.new_zeros((n, *layer.values.shape[1:]))])
+            self.mask = torch.cat([self.mask, self.mask.new_zeros((n, self.mask.shape[1]))])
+            return
+        length = self.prefix.length
+        if not layers:  # an empty batch: the prefix, repeated
+            self._reset(rows=0)
+            for layer_idx, (keys, values) in enumerate(self.prefix.kv):
+                self.cache.update(keys.expand(n, -1, -1, -1).clone(), values.expand(n, -1, -1, -1).clone(), layer_idx)
+            self.mask = torch.ones((n, length), dtype=torch.long)
+            return
+        width = max(self.mask.shape[1], length)
+        for layer, (keys, values) in zip(layers, self.prefix.kv):
+            grown = []
+            for old, new in ((layer.keys, keys), (layer.values, values)):
+                rows = old.new_zeros((old.shape[0] + n, old.shape[1], width, old.shape[3]))
+                rows[: old.shape[0], :, : old.shape[2]] = old
+                rows[old.shape[0] :, :, :length] = new
+                grown.append(rows)
+            layer.keys, layer.values = grown
+        mask = self.mask.new_zeros((self.mask.shape[0] + n, width))
+        mask[: self.mask.shape[0], : self.mask.shape[1]] = self.mask
+        mask[self.mask.shape[0] :, :length] = 1
+        self.mask = mask
 
     def keep(self, rows: Sequence[int], kept_new: Sequence[int]) -> None:
         """Keep batch rows ``rows`` (a repeated index copies a row) and, of the columns of
@@ -455,10 +491,10 @@ class _Batch:
         import torch
 
         rows = list(rows)
-        mask = self.mask[rows].clone()
         if not rows:
-            self.mask = mask
+            self._reset(rows=0)
             return
+        mask = self.mask[rows].clone()
         for k, n in enumerate(kept_new):
             mask[k, mask.shape[1] - self.last_width + n :] = 0
         counts = mask.sum(dim=1)
@@ -543,61 +579,99 @@ def _common_prefix(model, pad_id, prompts, groups, stats: "DecodeStats") -> Opti
     if top < MIN_SHARED:
         return None
     batch = _Batch(model, pad_id)
+    batch.add_rows(1)
     batch.forward([heads[0][:top]], [0], keep_last=1)
     stats.forward_passes += 1
     return _Prefix(top, [(layer.keys, layer.values) for layer in batch.cache.layers])
 
 
-def _prefill_shared(batch: "_Batch", prompts, groups, prefix: Optional[_Prefix], stats) -> Tuple[List[int], int]:
-    """Leave one cache row per prompt in ``batch`` holding its group's shared prefix.
+@dataclass(frozen=True)
+class _Options:
+    """The legal tokens of one configuration set: ``after`` maps each to the configuration
+    set it leads to; ``ids`` are all of them ascending (ties of the argmax go to the lowest
+    id), split into ``text`` (EOS included) and ``brackets`` (starting with a bracket)."""
 
-    The prefix common to all rows of the call (``prefix``, the instruction) comes from its
-    cache; each group's own shared part (the sentence) is run once per group. Returns per
-    row the number of prompt tokens now in the cache and the number of passes made."""
-    heads = [prompts[members[0]] for members, _ in groups]
-    shared = [n for _, n in groups]
-    top = 0
-    if prefix is not None:
-        top = prefix.length
-        batch.seed(prefix)
-        batch.keep([0] * len(groups), [top] * len(groups))
-    segments = [h[top:n] for h, n in zip(heads, shared)]
-    order = [g for g, (members, _) in enumerate(groups) for _ in members]
-    if any(segments):
-        batch.forward(segments, [top] * len(groups), keep_last=1)
-        stats.forward_passes += 1
-        batch.keep(order, [len(segments[g]) for g in order])
-    else:  # every group shares exactly the common prefix: copy it as it is
-        batch.keep(order, [top] * len(order))
-    return [shared[g] for g in order], int(any(segments))
+    after: Dict[int, Configs]
+    ids: List[int]
+    text: List[int]
+    brackets: List[int]
 
 
-def _allowed(index: VocabIndex, automaton: CopyAutomaton, configs: Configs, eos_ids) -> Dict[int, Configs]:
-    """Allowed tokens in ``configs`` (EOS once the answer is complete), cached per automaton."""
-    allowed = automaton.allowed_cache.get(configs)
-    if allowed is None:
-        allowed = index.allowed(automaton, configs)
+def _options(index: VocabIndex, automaton: CopyAutomaton, configs: Configs, eos_ids) -> _Options:
+    """The legal tokens in ``configs`` (EOS once the answer is complete), cached."""
+    options = automaton.options_cache.get(configs)
+    if options is None:
+        after = index.allowed(automaton, configs)
         if automaton.can_end(configs):
-            allowed.update(dict.fromkeys(eos_ids, DONE))
-        automaton.allowed_cache[configs] = allowed
-    return allowed
+            after.update(dict.fromkeys(eos_ids, DONE))
+        if not after:
+            raise RuntimeError(
+                "No token of the vocabulary continues the constrained answer for "
+                f"{automaton.constraint.source!r}: the tokenizer cannot spell it."
+            )
+        c = automaton.constraint
+        brackets = index.bracket_ids(c.open, c.close)
+        ids = sorted(after)
+        options = automaton.options_cache[configs] = _Options(
+            after, ids, [i for i in ids if i not in brackets], [i for i in ids if i in brackets]
+        )
+    return options
 
 
 class _Scores:
-    """The logits of one pass: the unconstrained argmax of every position (ties: lowest
-    id) at once; the log-normalizer only where a token is taken (a large vocabulary times
-    every draft position would cost more than the verification)."""
+    """The logits of one pass, reduced once for all positions: the unconstrained argmax
+    (ties: lowest id), the log-normalizer and, for rows under ``text_mass``, the log of
+    the summed probability of all text tokens and the best bracket logit. A choice then
+    reads floats; it indexes the logits only at a real decision (a bracket that may win,
+    several legal tokens on the winning side), which is rare, so speculative verification
+    costs a few tensor operations per pass instead of several per token."""
 
-    def __init__(self, logits):
-        self.logits = logits
-        best = logits.max(dim=-1)
-        self.top = best.indices.tolist()
-        self.top_value = best.values.tolist()
-
-    def log_norm(self, r: int, p: int) -> float:
+    def __init__(
+        self,
+        logits,
+        rows: Sequence[Optional[_Row]],
+        index: VocabIndex,
+        expected: Optional[Sequence[Tuple[int, Sequence[int]]]] = None,
+    ):
+        """``expected[r]``: (position, tokens): the draft row ``r`` verifies from that
+        position on; their logits are read at once (the usual single legal token)."""
         import torch
 
-        return float(torch.logsumexp(self.logits[r, p], dim=0))
+        self.logits = logits.float()  # the same tensor when already float32
+        self.expected: Dict[Tuple[int, int], Tuple[int, float]] = {}
+        if expected and any(tokens for _, tokens in expected):
+            ids = torch.zeros(self.logits.shape[:2], dtype=torch.long)
+            for r, (start, tokens) in enumerate(expected):
+                ids[r, start : start + len(tokens)] = torch.tensor(list(tokens), dtype=torch.long)
+            values = self.logits.gather(-1, ids.to(self.logits.device)[..., None])[..., 0].tolist()
+            for r, (start, tokens) in enumerate(expected):
+                for k, token in enumerate(tokens):
+                    self.expected[r, start + k] = (token, values[r][start + k])
+        best = self.logits.max(dim=-1)
+        self.top = best.indices.tolist()
+        self.top_value = best.values.tolist()
+        lse = torch.logsumexp(self.logits, dim=-1)
+        self.log_norm = lse.tolist()
+        self.text_norm: Dict[int, List[float]] = {}
+        self.bracket_top: Dict[int, List[float]] = {}
+        by_brackets: Dict[Tuple[str, str], List[int]] = {}
+        for r, row in enumerate(rows):
+            c = row.automaton.constraint if row is not None else None
+            if c is not None and c.text_mass:
+                by_brackets.setdefault((c.open, c.close), []).append(r)
+        for (open_, close), members in by_brackets.items():
+            ids = index.bracket_tensor(open_, close, self.logits)
+            members_t = torch.tensor(members, device=self.logits.device)
+            total = lse.index_select(0, members_t)
+            if len(ids):
+                sub = self.logits.index_select(2, ids).index_select(0, members_t)
+                # log(sum over text) = lse + log(1 - P(brackets)), exact where text matters
+                share = (torch.logsumexp(sub, dim=-1) - total).clamp(max=0.0)
+                text, top = total + torch.log(-torch.expm1(share)), sub.max(dim=-1).values
+            else:
+                text, top = total, torch.full_like(total, float("-inf"))
+            for r, t, b in zip(members, text.tolist(), top.tolist()):
+                self.text_norm[r], self.bracket_top[r] = t, b
 
     def choose(self, r: int, p: int, row: _Row, index: VocabIndex, eos_ids) -> Tuple[int, Configs, float]:
         """The constrained choice at row ``r``, position ``p``, the configuration after it
@@ -607,114 +681,180 @@ class _Scores:
         allowed tokens that start with a bracket compete with the summed probability of
         every token that does not (the model's "no bracket here"); the winning side's
         best allowed token is taken. Either way a legal unconstrained argmax that is text
-        wins (the allowed set is a subset of the vocabulary; ties resolve to the lowest
-        id), so the allowed set is only built when the model wants a bracket or an
-        illegal token."""
+        wins (the allowed set is a subset of the vocabulary; ties resolve to the lowest id)."""
+        options = _options(index, row.automaton, row.configs, eos_ids)
+        text_mass = row.automaton.constraint.text_mass
+        token = self.top[r][p]
+        after = options.after.get(token)
+        if after is not None and not (text_mass and token in options.brackets):
+            return token, after, self.top_value[r][p] - self.log_norm[r][p]
+        side = options.ids
+        if text_mass and options.text and options.brackets:
+            text = self.text_norm[r][p]
+            wins = text >= self.bracket_top[r][p] or text >= max(self._values(r, p, options.brackets))
+            side = options.text if wins else options.brackets
+        values = self._values(r, p, side)
+        best = max(range(len(side)), key=lambda k: (values[k], -k))
+        return side[best], options.after[side[best]], values[best] - self.log_norm[r][p]
+
+    def _values(self, r: int, p: int, ids: List[int]) -> List[float]:
+        if len(ids) == 1:
+            known = self.expected.get((r, p))
+            return [known[1] if known and known[0] == ids[0] else float(self.logits[r, p, ids[0]])]
         import torch
 
-        constraint = row.automaton.constraint
-        brackets = index.bracket_ids(constraint.open, constraint.close)
-        token = self.top[r][p]
-        after = _advance_token(index, row.automaton, row.configs, token, eos_ids)
-        if after is not None and (token not in brackets or not constraint.text_mass):
-            return token, after, self.top_value[r][p] - self.log_norm(r, p)
-        allowed = _allowed(index, row.automaton, row.configs, eos_ids)
-        if not allowed:
-            raise RuntimeError(
-                "No token of the vocabulary continues the constrained answer for "
-                f"{row.automaton.constraint.source!r}: the tokenizer cannot spell it."
-            )
-        ids = sorted(allowed)
-        values = self.logits[r, p, torch.tensor(ids)]  # advanced indexing: a copy
-        if constraint.text_mass:
-            is_bracket = torch.tensor([i in brackets for i in ids])
-            if is_bracket.any() and not is_bracket.all():
-                logits = self.logits[r, p]
-                text = torch.logsumexp(logits[~index.bracket_mask(constraint.open, constraint.close, logits)], dim=0)
-                values[is_bracket if text >= values[is_bracket].max() else ~is_bracket] = float("-inf")
-        best = int(torch.argmax(values))
-        return ids[best], allowed[ids[best]], float(self.logits[r, p, ids[best]]) - self.log_norm(r, p)
+        return self.logits[r, p, torch.tensor(ids, device=self.logits.device)].tolist()
 
 
-def _bias_open_brackets(logits, rows: Sequence["_Row"], index: VocabIndex) -> None:
+def _bias_open_brackets(logits, rows: Sequence[Optional["_Row"]], index: VocabIndex) -> None:
     """Add each row's ``open_bias`` to the logits of the tokens that open a bracket, in
     place, before any choice is made (so speculative and plain decoding see the same
-    scores and stay identical)."""
+    scores and stay identical). ``None`` marks a batch row that chooses nothing."""
     for r, row in enumerate(rows):
+        if row is None:
+            continue
         constraint = row.automaton.constraint
         if constraint.open_bias:
             ids = index.ids_starting_with(constraint.open.encode("utf8"))
             logits[r, :, ids] += constraint.open_bias
 
 
-def _advance_token(index: VocabIndex, automaton: CopyAutomaton, configs: Configs, token: int, eos_ids):
-    """The configuration after ``token``, or None when it is not legal here."""
-    if token in eos_ids:
-        return DONE if automaton.can_end(configs) else None
-    data = index.bytes_of.get(token)
-    if data is None:
-        return None
-    return automaton.advance_bytes(configs, data) or None
-
-
-def _draft_tokens(index: VocabIndex, tokenizer, row: _Row, max_draft: int, eos_id: int) -> List[int]:
+def _draft_tokens(
+    index: VocabIndex, tokenizer, row: _Row, max_draft: int, eos_id: int, cache: Dict[bytes, List[int]]
+) -> List[int]:
     """Tokens of the rest of the answer without further open brackets (the draft).
 
     Bytes up to the first character boundary (the rest of a split character) are matched
     by the longest vocabulary piece; the text after is tokenized by the tokenizer itself,
     as a fine-tuned model was trained to emit it. A tokenization that does not reproduce
-    the bytes (e.g. an added leading space) falls back to longest match.
+    the bytes (e.g. an added leading space) falls back to longest match. ``cache`` keeps
+    the tokenizations: the rows of one text mostly ask for the same ones.
     """
     data, reaches_end = row.automaton.draft_bytes(row.configs, 2 * max_draft)
-    cut = 0
-    while cut < len(data) and (data[cut] & 0xC0) == 0x80:
-        cut += 1
-    draft = index.longest_match(data[:cut]) if cut else []
-    tail_bytes = data[cut:]
-    if tail_bytes:
-        tail = tokenizer.encode(tail_bytes.decode("utf-8", errors="replace"), add_special_tokens=False)
-        if b"".join(index.bytes_of.get(t, b"\0") for t in tail) != tail_bytes:
-            tail = index.longest_match(tail_bytes)
-        draft += tail
+    draft = cache.get(data)
+    if draft is None:
+        cut = 0
+        while cut < len(data) and (data[cut] & 0xC0) == 0x80:
+            cut += 1
+        draft = index.longest_match(data[:cut]) if cut else []
+        tail_bytes = data[cut:]
+        if tail_bytes:
+            tail = tokenizer.encode(tail_bytes.decode("utf-8", errors="replace"), add_special_tokens=False)
+            if b"".join(index.bytes_of.get(t, b"\0") for t in tail) != tail_bytes:
+                tail = index.longest_match(tail_bytes)
+            draft += tail
+        cache[data] = draft
+    draft = list(draft)
     if reaches_end and len(draft) < max_draft:
         draft.append(eos_id)
     return draft[: max(0, min(max_draft, row.max_new - len(row.out) - 1))]
 
 
-def _decode_batch(model, tokenizer, index, prompts, constraints, max_new, eos_ids, pad_id, options, prefix, stats):
-    """Decode one batch of rows; returns their ``_Row`` records in order."""
-    speculative, share_prefix, max_draft = options
-    automata = {c: CopyAutomaton(c) for c in set(constraints)}
+@dataclass
+class _Group:
+    """Rows of one text and the part of their prompt they share (the sentence): it is run
+    once, on one cache row (``pending`` is what is not in the cache yet, from ``pos``),
+    which is then copied to every member."""
+
+    members: List[_Row]
+    pending: List[int]
+    pos: int
+    passes: int = 0
+
+
+def _decode_stream(model, tokenizer, index, prompts, constraints, max_new, eos_ids, pad_id, options, prefix, stats):
+    """Decode all rows with at most ``capacity`` rows per pass; returns their ``_Row``
+    records in order.
+
+    Continuous batching: rows leave the batch when they finish and the next groups join
+    the next pass, so the tail of a row with many brackets runs alongside the next texts
+    instead of in passes of its own. Prompt tokens (a group's shared part, a row's own
+    part) ride along in passes that verify other rows' drafts, in chunks no wider than a
+    draft: the batch is padded to its widest block, so a long prompt would make every
+    row pay for its length."""
+    speculative, share_prefix, max_draft, capacity = options
+    shared_options: Dict[CopyConstraint, Dict[Configs, _Options]] = {}
+    automata = {
+        c: CopyAutomaton(c, shared_options.setdefault(dataclasses.replace(c, forced_prefix=""), {}))
+        for c in set(constraints)
+    }
     rows = [
-        _Row(automaton=automata[c], configs=automata[c].initial, pending=list(p), max_new=m, draft_len=max_draft)
-        for p, c, m in zip(prompts, constraints, max_new)
+        _Row(automaton=automata[c], configs=automata[c].initial, pending=[], max_new=m, draft_len=max_draft)
+        for c, m in zip(constraints, max_new)
     ]
-    batch = _Batch(model, pad_id)
-    groups = shared_prefix_groups(prompts, [c.source for c in constraints]) if share_prefix else []
-    if prefix is not None or (0 < len(groups) < len(rows) and max(n for _, n in groups) >= MIN_SHARED):
-        done, passes = _prefill_shared(batch, prompts, groups, prefix, stats)
-        for row, prompt, n in zip(rows, prompts, done):
-            # the common prefix's pass served every row of the call
-            row.pos, row.pending, row.passes = n, list(prompt[n:]), passes + (prefix is not None)
-    batch_rows = list(rows)
-    while batch_rows:
-        drafts = [
-            _draft_tokens(index, tokenizer, row, row.draft_len, eos_ids[0]) if speculative else []
-            for row in batch_rows
-        ]
-        blocks = [row.pending + d for row, d in zip(batch_rows, drafts)]
-        width = max(len(b) for b in blocks)
-        first = width - min(len(row.pending) - 1 for row in batch_rows)  # logits kept per row
-        logits = batch.forward(blocks, [row.pos for row in batch_rows], keep_last=first)
+    top = prefix.length if prefix is not None else 0
+    if share_prefix:
+        units = shared_prefix_groups(prompts, [c.source for c in constraints])
+    else:
+        units = [([r], 0) for r in range(len(rows))]
+    queue = deque(units)
+    batch = _Batch(model, pad_id, prefix)
+    draft_cache: Dict[bytes, List[int]] = {}
+    live: List[Any] = []  # _Row or _Group, in cache-row order
+    while queue or live:
+        joining: List[Any] = []
+        load = sum(len(x.members) if isinstance(x, _Group) else 1 for x in live)
+        while queue and (load == 0 or load + len(queue[0][0]) <= capacity):
+            members, shared = queue.popleft()
+            load += len(members)
+            for r in members:
+                rows[r].pos, rows[r].pending, rows[r].passes = top, list(prompts[r][top:]), int(prefix is not None)
+            if len(members) > 1 and shared > top:
+                joining.append(_Group([rows[r] for r in members], list(prompts[members[0]][top:shared]), top))
+            else:
+                joining.extend(rows[r] for r in members)
+        batch.add_rows(len(joining))
+        live += joining
+        # Rows whose prompt is in the cache but for one token choose in this pass; the
+        # others (and groups) only feed prompt tokens, at most one draft's width when
+        # some row chooses, all of them otherwise.
+        chunk = 1 + max_draft
+        if not any(isinstance(x, _Row) and len(x.pending) <= chunk for x in live):
+            chunk = max(len(x.pending) for x in live)
+        choosing = {id(x) for x in live if isinstance(x, _Row) and len(x.pending) <= chunk}
+        longest: Dict[int, List[int]] = {}  # per choosing row, the draft as wide as a pass allows
+        for x in live:
+            if id(x) in choosing:
+                room = chunk - len(x.pending) if speculative else 0
+                longest[id(x)] = _draft_tokens(index, tokenizer, x, room, eos_ids[0], draft_cache) if room else []
+        width = max(
+            len(x.pending) + min(x.draft_len, len(longest[id(x)])) if id(x) in choosing else min(chunk, len(x.pending))
+            for x in live
+        )
+        # padding costs as much as a draft token: every draft fills the pass
+        drafts = {id(x): longest[id(x)][: width - len(x.pending)] for x in live if id(x) in choosing}
+        blocks = [x.pending + drafts[id(x)] if id(x) in choosing else x.pending[:chunk] for x in live]
+        keep = width - min((len(x.pending) - 1 for x in live if id(x) in choosing), default=width - 1)
+        logits = batch.forward(blocks, [x.pos for x in live], keep_last=keep)
         offset = width - logits.shape[1]
-        _bias_open_brackets(logits, batch_rows, index)
-        scores = _Scores(logits)
+        scored = [x if id(x) in choosing else None for x in live]
+        _bias_open_brackets(logits, scored, index)
+        expected = [
+            (len(x.pending) - 1 - offset, drafts[id(x)]) if id(x) in choosing else (0, []) for x in live
+        ]
+        scores = _Scores(logits, scored, index, expected)
         stats.forward_passes += 1
-        keep_rows, kept_new = [], []
-        for r, (row, draft) in enumerate(zip(batch_rows, drafts)):
-            row.passes += 1
+        keep_rows, kept_new, still = [], [], []
+        for r, x in enumerate(live):
+            x.passes += 1
+            if id(x) not in choosing:  # prompt tokens only
+                fed = len(blocks[r])
+                x.pos, x.pending = x.pos + fed, x.pending[fed:]
+                if isinstance(x, _Group) and not x.pending:  # the shared part is in: copy it
+                    for row in x.members:
+                        row.pos, row.pending = x.pos, row.pending[x.pos - top :]
+                        row.passes += x.passes
+                    keep_rows += [r] * len(x.members)
+                    kept_new += [fed] * len(x.members)
+                    still += x.members
+                else:
+                    keep_rows.append(r)
+                    kept_new.append(fed)
+                    still.append(x)
+                continue
+            row, draft = x, drafts[id(x)]
             stats.draft_tokens += len(draft)
-            base, accepted = len(row.pending) - 1 - offset, 0
+            base, accepted = expected[r][0], 0
             while True:
                 token, row.configs, logprob = scores.choose(r, base + accepted, row, index, eos_ids)
                 row.out.append(token)
@@ -736,25 +876,10 @@ def _decode_batch(model, tokenizer, index, prompts, constraints, max_new, eos_id
                 kept_new.append(len(row.pending) + accepted)
                 row.pos += len(row.pending) + accepted
                 row.pending = [row.out[-1]]
+                still.append(row)
         batch.keep(keep_rows, kept_new)
-        batch_rows = [batch_rows[r] for r in keep_rows]
+        live = still
     return rows
-
-
-def _batches(prompts, keys, batch_size: int, share_prefix: bool) -> List[List[int]]:
-    """Row indices per batch; with ``share_prefix`` the rows of one group (same source)
-    are never split (a group larger than ``batch_size`` forms its own batch)."""
-    if share_prefix:
-        units = [members for members, _ in shared_prefix_groups(prompts, keys)]
-    else:
-        units = [[r] for r in range(len(prompts))]
-    batches: List[List[int]] = []
-    for unit in units:
-        if batches and len(batches[-1]) + len(unit) <= batch_size:
-            batches[-1].extend(unit)
-        else:
-            batches.append(list(unit))
-    return batches
 
 
 def decode_constrained(
@@ -805,36 +930,34 @@ def decode_constrained(
             todo_prompts = [prompts[r] for r in todo]
             prefix = _common_prefix(model, pad_id, todo_prompts, shared_prefix_groups(todo_prompts, sources), stats)
             stats.seconds += time.perf_counter() - start
-        for batch in _batches([prompts[r] for r in todo], sources, batch_size, share_prefix):
-            members = [todo[k] for k in batch]
-            start = time.perf_counter()
-            rows = _decode_batch(
-                model,
-                tokenizer,
-                index,
-                [prompts[r] for r in members],
-                [constraints[r] for r in members],
-                [max_new[r] for r in members],
-                eos_ids,
-                pad_id,
-                (speculative, share_prefix, max_draft),
-                prefix,
-                stats,
+        start = time.perf_counter()
+        rows = _decode_stream(
+            model,
+            tokenizer,
+            index,
+            [prompts[r] for r in todo],
+            [constraints[r] for r in todo],
+            [max_new[r] for r in todo],
+            eos_ids,
+            pad_id,
+            (speculative, share_prefix, max_draft, batch_size),
+            prefix,
+            stats,
+        )
+        seconds = time.perf_counter() - start
+        stats.seconds += seconds
+        for r, row in zip(todo, rows):
+            data = b"".join(index.bytes_of.get(t, b"") for t in row.out if t not in eos_ids)
+            stats.generated_tokens += len(row.out)
+            stats.prompt_tokens += len(prompts[r])
+            results[r] = DecodedRow(
+                text=data.decode("utf-8", errors="replace"),
+                token_ids=row.out,
+                logprobs=row.logprobs,
+                forward_passes=row.passes,
+                finished=bool(row.out) and row.out[-1] in eos_ids,
+                seconds=seconds / len(rows),
             )
-            seconds = time.perf_counter() - start
-            stats.seconds += seconds
-            for r, row in zip(members, rows):
-                data = b"".join(index.bytes_of.get(t, b"") for t in row.out if t not in eos_ids)
-                stats.generated_tokens += len(row.out)
-                stats.prompt_tokens += len(prompts[r])
-                results[r] = DecodedRow(
-                    text=data.decode("utf-8", errors="replace"),
-                    token_ids=row.out,
-                    logprobs=row.logprobs,
-                    forward_passes=row.passes,
-                    finished=bool(row.out) and row.out[-1] in eos_ids,
-                    seconds=seconds / len(rows),
-                )
     return results  # type: ignore[return-value]
 
 
