@@ -589,12 +589,11 @@ def _common_prefix(model, pad_id, prompts, groups, stats: "DecodeStats") -> Opti
 class _Options:
     """The legal tokens of one configuration set: ``after`` maps each to the configuration
     set it leads to; ``ids`` are all of them ascending (ties of the argmax go to the lowest
-    id), split into ``text`` (EOS included) and ``brackets`` (starting with a bracket)."""
+    id) and ``is_bracket`` says which start with a bracket (the others are text or EOS)."""
 
     after: Dict[int, Configs]
     ids: List[int]
-    text: List[int]
-    brackets: List[int]
+    is_bracket: List[bool]
 
 
 def _options(index: VocabIndex, automaton: CopyAutomaton, configs: Configs, eos_ids) -> _Options:
@@ -612,98 +611,101 @@ def _options(index: VocabIndex, automaton: CopyAutomaton, configs: Configs, eos_
         c = automaton.constraint
         brackets = index.bracket_ids(c.open, c.close)
         ids = sorted(after)
-        options = automaton.options_cache[configs] = _Options(
-            after, ids, [i for i in ids if i not in brackets], [i for i in ids if i in brackets]
-        )
+        options = automaton.options_cache[configs] = _Options(after, ids, [i in brackets for i in ids])
     return options
 
 
-class _Scores:
-    """The logits of one pass, reduced once for all positions: the unconstrained argmax
-    (ties: lowest id), the log-normalizer and, for rows under ``text_mass``, the log of
-    the summed probability of all text tokens and the best bracket logit. A choice then
-    reads floats; it indexes the logits only at a real decision (a bracket that may win,
-    several legal tokens on the winning side), which is rare, so speculative verification
-    costs a few tensor operations per pass instead of several per token."""
+@dataclass
+class _Plan:
+    """What one row verifies in a pass: its ``draft`` fed from block column ``start`` on.
+    ``options[k]`` are the legal tokens before the k-th position: one position per draft
+    token and one more for the model's own token after the draft (none after EOS)."""
 
-    def __init__(
-        self,
-        logits,
-        rows: Sequence[Optional[_Row]],
-        index: VocabIndex,
-        expected: Optional[Sequence[Tuple[int, Sequence[int]]]] = None,
-    ):
-        """``expected[r]``: (position, tokens): the draft row ``r`` verifies from that
-        position on; their logits are read at once (the usual single legal token)."""
-        import torch
+    start: int
+    draft: List[int]
+    options: List[_Options]
 
-        self.logits = logits.float()  # the same tensor when already float32
-        self.expected: Dict[Tuple[int, int], Tuple[int, float]] = {}
-        if expected and any(tokens for _, tokens in expected):
-            ids = torch.zeros(self.logits.shape[:2], dtype=torch.long)
-            for r, (start, tokens) in enumerate(expected):
-                ids[r, start : start + len(tokens)] = torch.tensor(list(tokens), dtype=torch.long)
-            values = self.logits.gather(-1, ids.to(self.logits.device)[..., None])[..., 0].tolist()
-            for r, (start, tokens) in enumerate(expected):
-                for k, token in enumerate(tokens):
-                    self.expected[r, start + k] = (token, values[r][start + k])
-        best = self.logits.max(dim=-1)
-        self.top = best.indices.tolist()
-        self.top_value = best.values.tolist()
-        lse = torch.logsumexp(self.logits, dim=-1)
-        self.log_norm = lse.tolist()
-        self.text_norm: Dict[int, List[float]] = {}
-        self.bracket_top: Dict[int, List[float]] = {}
-        by_brackets: Dict[Tuple[str, str], List[int]] = {}
-        for r, row in enumerate(rows):
-            c = row.automaton.constraint if row is not None else None
-            if c is not None and c.text_mass:
-                by_brackets.setdefault((c.open, c.close), []).append(r)
-        for (open_, close), members in by_brackets.items():
-            ids = index.bracket_tensor(open_, close, self.logits)
-            members_t = torch.tensor(members, device=self.logits.device)
-            total = lse.index_select(0, members_t)
-            if len(ids):
-                sub = self.logits.index_select(2, ids).index_select(0, members_t)
-                # log(sum over text) = lse + log(1 - P(brackets)), exact where text matters
-                share = (torch.logsumexp(sub, dim=-1) - total).clamp(max=0.0)
-                text, top = total + torch.log(-torch.expm1(share)), sub.max(dim=-1).values
-            else:
-                text, top = total, torch.full_like(total, float("-inf"))
-            for r, t, b in zip(members, text.tolist(), top.tolist()):
-                self.text_norm[r], self.bracket_top[r] = t, b
 
-    def choose(self, r: int, p: int, row: _Row, index: VocabIndex, eos_ids) -> Tuple[int, Configs, float]:
-        """The constrained choice at row ``r``, position ``p``, the configuration after it
-        and its raw log-softmax.
+def _plan(index: VocabIndex, row: _Row, draft: List[int], start: int, eos_ids) -> _Plan:
+    """Walk the row's automaton along its draft (cut where a draft token is not legal)."""
+    configs, options = row.configs, []
+    for k, token in enumerate(draft):
+        options.append(_options(index, row.automaton, configs, eos_ids))
+        nxt = options[-1].after.get(token)
+        if nxt is None:
+            return _Plan(start, draft[:k], options)
+        if token in eos_ids:
+            return _Plan(start, draft[: k + 1], options)
+        configs = nxt
+    options.append(_options(index, row.automaton, configs, eos_ids))
+    return _Plan(start, draft, options)
 
-        Plain rule: the argmax over the allowed tokens. With ``constraint.text_mass`` the
-        allowed tokens that start with a bracket compete with the summed probability of
-        every token that does not (the model's "no bracket here"); the winning side's
-        best allowed token is taken. Either way a legal unconstrained argmax that is text
-        wins (the allowed set is a subset of the vocabulary; ties resolve to the lowest id)."""
-        options = _options(index, row.automaton, row.configs, eos_ids)
-        text_mass = row.automaton.constraint.text_mass
-        token = self.top[r][p]
-        after = options.after.get(token)
-        if after is not None and not (text_mass and token in options.brackets):
-            return token, after, self.top_value[r][p] - self.log_norm[r][p]
-        side = options.ids
-        if text_mass and options.text and options.brackets:
-            text = self.text_norm[r][p]
-            wins = text >= self.bracket_top[r][p] or text >= max(self._values(r, p, options.brackets))
-            side = options.text if wins else options.brackets
-        values = self._values(r, p, side)
-        best = max(range(len(side)), key=lambda k: (values[k], -k))
-        return side[best], options.after[side[best]], values[best] - self.log_norm[r][p]
 
-    def _values(self, r: int, p: int, ids: List[int]) -> List[float]:
-        if len(ids) == 1:
-            known = self.expected.get((r, p))
-            return [known[1] if known and known[0] == ids[0] else float(self.logits[r, p, ids[0]])]
-        import torch
+def _verify(
+    logits, rows: Sequence[Optional[_Row]], plans: Sequence[Optional[_Plan]], index: VocabIndex, offset: int = 0
+):
+    """The constrained choice and its raw log-softmax at every planned position of every
+    row, in a few tensor operations per pass (per token, Python only compares ids).
 
-        return self.logits[r, p, torch.tensor(ids, device=self.logits.device)].tolist()
+    Plain rule: the argmax over the allowed tokens (ties: lowest id). With
+    ``constraint.text_mass`` the allowed tokens that start with a bracket compete with the
+    summed probability of every token that does not (the model's "no bracket here"); the
+    winning side's best allowed token is taken. A choice depends on its position's logits
+    only, so it is the same whether the position was computed alone or in a draft.
+    ``offset``: block columns whose logits were not kept. Returns per row (None where
+    ``plans`` has None) a list of (token, log-probability)."""
+    import torch
+
+    values_all = logits.float()  # the same tensor when already float32
+    n_rows, width, vocab = values_all.shape
+    flat = values_all.reshape(n_rows * width, vocab)
+    lse = torch.logsumexp(flat, dim=-1)
+    positions, candidates, brackets, text_mass = [], [], [], []
+    for r, plan in enumerate(plans):
+        if plan is None:
+            continue
+        constraint = rows[r].automaton.constraint
+        for k, options in enumerate(plan.options):
+            positions.append(r * width + plan.start - offset + k)
+            candidates.append(options.ids)
+            brackets.append(options.is_bracket)
+            text_mass.append(constraint.text_mass and any(options.is_bracket) and not all(options.is_bracket))
+    out: List[Optional[List[Tuple[int, float]]]] = [None] * n_rows
+    if not positions:
+        return out
+    k_max = max(len(c) for c in candidates)
+    device = flat.device
+    # flat lists convert to tensors much faster than nested ones
+    ids = torch.tensor([i for c in candidates for i in c + c[:1] * (k_max - len(c))], device=device)
+    ids = ids.view(len(candidates), k_max)
+    valid = torch.tensor([k < len(c) for c in candidates for k in range(k_max)], device=device).view_as(ids)
+    is_bracket = torch.tensor([x for b in brackets for x in b + [False] * (k_max - len(b))], device=device)
+    is_bracket = is_bracket.view_as(ids)
+    pos = torch.tensor(positions, device=device)
+    values = flat[pos[:, None], ids]
+    weigh = torch.tensor(text_mass, device=device)
+    if bool(weigh.any()):
+        # log of the summed probability of all text tokens: lse + log(1 - P(brackets))
+        share = torch.full_like(lse, float("-inf"))
+        for open_, close in {(row.automaton.constraint.open, row.automaton.constraint.close) for row in rows if row}:
+            bracket_ids = index.bracket_tensor(open_, close, flat)
+            members = [r for r, row in enumerate(rows) if row and row.automaton.constraint.open == open_]
+            cols = torch.tensor([r * width + p for r in members for p in range(width)], device=device)
+            share[cols] = torch.logsumexp(flat.index_select(1, bracket_ids).index_select(0, cols), dim=-1)
+        text = lse[pos] + torch.log(-torch.expm1((share[pos] - lse[pos]).clamp(max=0.0)))
+        best_bracket = values.masked_fill(~(valid & is_bracket), float("-inf")).max(dim=-1).values
+        side = torch.where((text >= best_bracket)[:, None], ~is_bracket, is_bracket)
+        valid = valid & torch.where(weigh[:, None], side, torch.ones_like(side))
+    best = values.masked_fill(~valid, float("-inf")).argmax(dim=-1, keepdim=True)  # first maximum
+    chosen = ids.gather(1, best)[:, 0].tolist()
+    logprobs = (values.gather(1, best)[:, 0] - lse[pos]).tolist()
+    at = 0
+    for r, plan in enumerate(plans):
+        if plan is not None:
+            n = len(plan.options)
+            out[r] = list(zip(chosen[at : at + n], logprobs[at : at + n]))
+            at += n
+    return out
 
 
 def _bias_open_brackets(logits, rows: Sequence[Optional["_Row"]], index: VocabIndex) -> None:
@@ -766,9 +768,9 @@ def _decode_stream(model, tokenizer, index, prompts, constraints, max_new, eos_i
     """Decode all rows with at most ``capacity`` rows per pass; returns their ``_Row``
     records in order.
 
-    Continuous batching: rows leave the batch when they finish and the next groups join
-    the next pass, so the tail of a row with many brackets runs alongside the next texts
-    instead of in passes of its own. Prompt tokens (a group's shared part, a row's own
+    Continuous batching (with drafts): rows leave the batch when they finish and the next
+    groups join the next pass, so the tail of a row with many brackets runs alongside the
+    next texts instead of in passes of its own. Prompt tokens (a group's shared part, a row's own
     part) ride along in passes that verify other rows' drafts, in chunks no wider than a
     draft: the batch is padded to its widest block, so a long prompt would make every
     row pay for its length."""
@@ -794,7 +796,10 @@ def _decode_stream(model, tokenizer, index, prompts, constraints, max_new, eos_i
     while queue or live:
         joining: List[Any] = []
         load = sum(len(x.members) if isinstance(x, _Group) else 1 for x in live)
-        while queue and (load == 0 or load + len(queue[0][0]) <= capacity):
+        # Without drafts a pass is one token wide and a joining prompt would widen it for
+        # every row: rows then join only an empty batch (fixed batches).
+        open_to_join = speculative or not live
+        while queue and (load == 0 or (open_to_join and load + len(queue[0][0]) <= capacity)):
             members, shared = queue.popleft()
             load += len(members)
             for r in members:
@@ -823,16 +828,16 @@ def _decode_stream(model, tokenizer, index, prompts, constraints, max_new, eos_i
         )
         # padding costs as much as a draft token: every draft fills the pass
         drafts = {id(x): longest[id(x)][: width - len(x.pending)] for x in live if id(x) in choosing}
-        blocks = [x.pending + drafts[id(x)] if id(x) in choosing else x.pending[:chunk] for x in live]
+        plans = [
+            _plan(index, x, drafts[id(x)], len(x.pending) - 1, eos_ids) if id(x) in choosing else None for x in live
+        ]
+        blocks = [x.pending + plans[r].draft if plans[r] else x.pending[:chunk] for r, x in enumerate(live)]
+        width = max(len(b) for b in blocks)
         keep = width - min((len(x.pending) - 1 for x in live if id(x) in choosing), default=width - 1)
         logits = batch.forward(blocks, [x.pos for x in live], keep_last=keep)
-        offset = width - logits.shape[1]
-        scored = [x if id(x) in choosing else None for x in live]
+        scored = [x if plans[r] else None for r, x in enumerate(live)]
         _bias_open_brackets(logits, scored, index)
-        expected = [
-            (len(x.pending) - 1 - offset, drafts[id(x)]) if id(x) in choosing else (0, []) for x in live
-        ]
-        scores = _Scores(logits, scored, index, expected)
+        choices = _verify(logits, scored, plans, index, offset=width - logits.shape[1])
         stats.forward_passes += 1
         keep_rows, kept_new, still = [], [], []
         for r, x in enumerate(live):
@@ -852,17 +857,17 @@ def _decode_stream(model, tokenizer, index, prompts, constraints, max_new, eos_i
                     kept_new.append(fed)
                     still.append(x)
                 continue
-            row, draft = x, drafts[id(x)]
-            stats.draft_tokens += len(draft)
-            base, accepted = expected[r][0], 0
-            while True:
-                token, row.configs, logprob = scores.choose(r, base + accepted, row, index, eos_ids)
+            row, plan = x, plans[r]
+            stats.draft_tokens += len(plan.draft)
+            accepted = 0
+            for k, (token, logprob) in enumerate(choices[r]):
                 row.out.append(token)
                 row.logprobs.append(logprob)
+                row.configs = plan.options[k].after[token]
                 if token in eos_ids or len(row.out) >= row.max_new:
                     row.done = True
                     break
-                if accepted < len(draft) and draft[accepted] == token:
+                if k < len(plan.draft) and plan.draft[k] == token:
                     accepted += 1  # its keys/values are already in the cache
                     continue
                 break
