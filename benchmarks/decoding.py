@@ -1,15 +1,17 @@
 """Decoding benchmark for the symbol strategy: plain greedy vs copy-constrained decoding.
 
-    python benchmarks/decoding.py --sentences N [--model embedded|random|DIR [--template FILE]] [--batch-sentences K]
+    python benchmarks/decoding.py [--sentences N] [--model embedded|random|DIR [--template FILE]]
+                                  [--batch-sentences K] [--threads T] [--repeat R]
 
-For N CMeEE sentences (assets/cmeee_dev.json) it builds the 9 per-type symbol prompts and
-decodes them four ways, each in batches of K sentences (9K rows):
+For N CMeEE dev sentences (assets/cmeee_dev.json) it builds the 9 per-type symbol prompts
+and decodes them four ways, with at most 9K rows per model call in every mode:
 
-(a) plain Hugging Face ``generate``, greedy, unconstrained;
-(b) copy-constrained greedy, one forward pass per token;
-(c) (b) + speculative verification with the rest of the source as the draft;
-(d) (c) + the shared prompt prefix (instruction once per batch, sentence once per
-    sentence) computed once and its KV cache copied to the rows.
+(a) plain Hugging Face ``generate``, greedy, unconstrained, in batches of K sentences;
+(b) copy-constrained greedy, one token per row and pass, in batches of K sentences;
+(c) (b) + speculative verification with the rest of the source as the draft, rows
+    joining the running batch as others finish (continuous batching);
+(d) (c) + the shared prompt prefix (the part common to all prompts once, each sentence
+    once) computed once and its KV cache copied to the rows.
 
 By default the model is the shipped tiny checkpoint (``--model embedded``, prompted with the
 template it was tuned with, its ``prompt_template.jinja``); ``--model DIR`` loads another
@@ -27,9 +29,11 @@ model (a) gets ``max_new_tokens = len(prefix) + 2*len(source) + 8`` and stops at
 
 Passes are counted with a forward pre-hook on the model: "calls" are model invocations (a
 batched call counts once), "row passes" count each call once per row in it while that
-row is unfinished (the ``GenerationResult.forward_passes`` of the runtime). Torch threads
-are set explicitly (``--threads``, default 1; the machine's 2 cores are shared). The last
-line is machine-readable:
+row is unfinished (the ``GenerationResult.forward_passes`` of the runtime), "positions"
+are the token positions the model computed, padding included (the compute a CPU pays
+for). Torch uses ``--threads`` threads (default: its own default, every core); each mode
+runs ``--repeat`` times, round-robin, and its fastest wall time counts. The last line is
+machine-readable:
 ``passes_ratio=<a/d model calls> wall_ratio=<a/d> identical=<b==c==d> aligned=<share of (d)>``.
 """
 import argparse
@@ -48,7 +52,26 @@ from spacy_medllm.llm.constrained import (  # noqa: E402
     DecodeStats,
     count_forward_passes,
     decode_constrained,
+    forward_module,
 )
+
+
+class count_positions:
+    """Token positions (padding included) the model computes inside the block."""
+
+    def __init__(self, model):
+        self.model, self.total = model, 0
+
+    def __enter__(self):
+        def hook(_module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            self.total += ids.numel() if ids is not None else 0
+
+        self.handle = forward_module(self.model).register_forward_pre_hook(hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
 
 
 def load_model(path, hidden=256, layers=4):
@@ -141,7 +164,7 @@ def overfit(model, tokenizer, rows, eos, steps, lr=3e-3):
 def run_constrained(model, tokenizer, rows, eos, batch_rows, **options):
     stats = DecodeStats()
     start = time.perf_counter()
-    with count_forward_passes(model) as calls:
+    with count_forward_passes(model) as calls, count_positions(model) as positions:
         out = decode_constrained(
             model,
             tokenizer,
@@ -158,6 +181,7 @@ def run_constrained(model, tokenizer, rows, eos, batch_rows, **options):
         "tokens": [o.token_ids for o in out],
         "texts": [o.text for o in out],
         "calls": calls[0],
+        "positions": positions.total,
         "row_passes": sum(o.forward_passes for o in out),
         "generated": stats.generated_tokens,
         "seconds": seconds,
@@ -169,7 +193,7 @@ def run_constrained(model, tokenizer, rows, eos, batch_rows, **options):
 def run_plain(model, tokenizer, rows, eos, batch_rows, budgets, forced):
     """Plain HF greedy ``generate`` per batch (left-padded); ``forced``: min = max tokens."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    texts, calls_total, row_passes, generated, seconds = [], 0, 0, 0, 0.0
+    texts, calls_total, positions_total, row_passes, generated, seconds = [], 0, 0, 0, 0, 0.0
     for lo in range(0, len(rows), batch_rows):
         chunk = rows[lo : lo + batch_rows]
         width = max(len(r["ids"]) for r in chunk)
@@ -180,7 +204,7 @@ def run_plain(model, tokenizer, rows, eos, batch_rows, budgets, forced):
             mask[k, width - len(r["ids"]) :] = 1
         budget = max(budgets[lo : lo + batch_rows])
         start = time.perf_counter()
-        with torch.inference_mode(), count_forward_passes(model) as calls:
+        with torch.inference_mode(), count_forward_passes(model) as calls, count_positions(model) as positions:
             out = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -192,6 +216,7 @@ def run_plain(model, tokenizer, rows, eos, batch_rows, budgets, forced):
             )
         seconds += time.perf_counter() - start
         calls_total += calls[0]
+        positions_total += positions.total
         for k in range(len(chunk)):
             new = out[k, width:].tolist()
             ends = [i for i, t in enumerate(new) if t in eos]
@@ -199,7 +224,14 @@ def run_plain(model, tokenizer, rows, eos, batch_rows, budgets, forced):
             generated += n
             row_passes += n
             texts.append(tokenizer.decode(new[: ends[0]] if ends else new, skip_special_tokens=True))
-    return {"texts": texts, "calls": calls_total, "row_passes": row_passes, "generated": generated, "seconds": seconds}
+    return {
+        "texts": texts,
+        "calls": calls_total,
+        "positions": positions_total,
+        "row_passes": row_passes,
+        "generated": generated,
+        "seconds": seconds,
+    }
 
 
 def aligned_share(strategy, rows, texts):
@@ -215,17 +247,17 @@ def aligned_share(strategy, rows, texts):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sentences", type=int, default=6, help="CMeEE dev sentences (9 prompts each)")
+    parser.add_argument("--sentences", type=int, default=20, help="CMeEE dev sentences (9 prompts each)")
     parser.add_argument(
         "--model", default="embedded", help="checkpoint directory, 'embedded' (the shipped tiny model) or 'random'"
     )
     parser.add_argument(
         "--template", default=None, help="prompt template (default: the checkpoint's prompt_template.jinja)"
     )
-    parser.add_argument("--batch-sentences", type=int, default=2, help="sentences per batch, all modes")
+    parser.add_argument("--batch-sentences", type=int, default=2, help="sentences (x9 rows) per model call, all modes")
     parser.add_argument("--max-draft", type=int, default=32, help="most draft tokens per speculative pass")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per mode; the fastest wall time counts")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, every core)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per mode; the fastest wall time counts")
     parser.add_argument("--max-chars", type=int, default=120, help="skip longer sentences")
     parser.add_argument("--hidden", type=int, default=256, help="hidden size of the random tiny model")
     parser.add_argument("--layers", type=int, default=4, help="layers of the random tiny model")
@@ -234,7 +266,8 @@ def main():
     )
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tokenizer, described = load_model(args.model, args.hidden, args.layers)
     template = args.template or checkpoint_template(args.model)
     data = json.loads((ROOT / "assets" / "cmeee_dev.json").read_text(encoding="utf8"))
@@ -256,7 +289,7 @@ def main():
     print(
         f"torch threads: {torch.get_num_threads()}; {n} sentences ({sum(map(len, texts)) / n:.1f} chars avg), "
         f"{len(rows)} prompts ({sum(len(r['ids']) for r in rows) / len(rows):.0f} tokens avg), "
-        f"batches of {args.batch_sentences} sentences ({batch_rows} rows), max draft {args.max_draft}"
+        f"at most {batch_rows} rows ({args.batch_sentences} sentences) per call, max draft {args.max_draft}"
     )
     # Warm-up so that lazy imports and first-call kernel set-up count in no mode.
     run_constrained(model, tokenizer, rows[:2], eos, batch_rows, speculative=True, share_prefix=True)
@@ -301,7 +334,7 @@ def main():
         "d": "(d) + shared prefix",
     }
     header = (
-        f"{'mode':<24}{'calls/sent':>11}{'row-pass/sent':>14}{'gen tok/sent':>13}{'s/sent':>8}"
+        f"{'mode':<24}{'calls/sent':>11}{'row-pass/sent':>14}{'positions/sent':>15}{'gen tok/sent':>13}{'s/sent':>8}"
         f"{'sent/s':>8}{'calls a/x':>10}{'rowpass a/x':>12}{'wall a/x':>9}{'same as b':>10}{'aligned':>9}"
     )
     print(header)
@@ -313,7 +346,8 @@ def main():
         shares[key] = "n/a" if share is None else f"{share:.3f}"
         same = "-" if key in "ab" else str(r["tokens"] == results["b"]["tokens"]).lower()
         print(
-            f"{names[key]:<24}{r['calls'] / n:>11.1f}{r['row_passes'] / n:>14.1f}{r['generated'] / n:>13.1f}"
+            f"{names[key]:<24}{r['calls'] / n:>11.1f}{r['row_passes'] / n:>14.1f}{r['positions'] / n:>15.0f}"
+            f"{r['generated'] / n:>13.1f}"
             f"{r['seconds'] / n:>8.3f}{n / r['seconds']:>8.2f}{a['calls'] / r['calls']:>10.2f}"
             f"{a['row_passes'] / r['row_passes']:>12.2f}{a['seconds'] / r['seconds']:>9.2f}{same:>10}"
             f"{shares[key]:>9}"

@@ -230,7 +230,7 @@ def test_text_mass_weighs_a_bracket_against_all_text(char_tok):
         automaton = CopyAutomaton(CopyConstraint(source=source, text_mass=text_mass))
         row = _Row(automaton=automaton, configs=automaton.initial, pending=[], max_new=10, draft_len=4)
         plan = _plan(index, row, [], 0, [char_tok.eos_token_id])
-        [[(token, logprob)]] = _verify(logits, [row], [plan], index)
+        [token], [logprob] = _verify(logits[0], [row], plan.options, index)
         assert token == expected
         assert logprob == pytest.approx(float(torch.log_softmax(logits[0, 0], -1)[expected]))
 
@@ -253,13 +253,50 @@ def test_shared_prefix_equals_separate_prompts(char_tok):
     assert [r.token_ids for r in shared] == [r.token_ids for r in plain]
     for a, b in zip(shared, plain):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-9)
-    # one batch: the common prefix once, then each sentence once (one pass for all)
-    assert s_stats.forward_passes == p_stats.forward_passes + 2
-    # three batches (one sentence each): the common prefix is still computed only once
-    plain3, p3 = _decode(model, char_tok, prompts, constraints, share_prefix=False, batch_size=3)
+    # Prompt tokens computed, by hand: without sharing every prompt in full; with it the
+    # prefix common to all rows once, each sentence's shared part once, each row's rest.
+    groups = shared_prefix_groups(prompts, [c.source for c in constraints])
+    common = min(min(n for _, n in groups), min(_lcp(prompts[0], prompts[m[0]]) for m, _ in groups))
+    expected = common + sum(n - common + sum(len(prompts[r]) - n for r in members) for members, n in groups)
+    assert p_stats.prefill_tokens == p_stats.prompt_tokens == sum(map(len, prompts))
+    assert s_stats.prefill_tokens == expected < p_stats.prefill_tokens
+    # rows of one sentence per batch: the common prefix is still computed only once
     shared3, s3 = _decode(model, char_tok, prompts, constraints, share_prefix=True, batch_size=3)
-    assert [r.token_ids for r in shared3] == [r.token_ids for r in plain3] == [r.token_ids for r in plain]
-    assert s3.forward_passes == p3.forward_passes + 1 + 3
+    assert [r.token_ids for r in shared3] == [r.token_ids for r in plain]
+    assert s3.prefill_tokens == expected
+
+
+def _lcp(a, b):
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_output_does_not_depend_on_the_batch_size(char_tok, share_prefix):
+    model = _model(char_tok, "qwen2", 7)
+    prompts, constraints = _rows(char_tok, _sentences(3))
+    runs = [_decode(model, char_tok, prompts, constraints, share_prefix=share_prefix, batch_size=size)[0]
+            for size in (1, 3, 5, 64)]
+    assert all([r.token_ids for r in run] == [r.token_ids for r in runs[0]] for run in runs[1:])
+
+
+def test_rows_join_as_others_finish(char_tok):
+    """Continuous batching. As with a trained model, one type per sentence has a long
+    answer and the others stop early (``max_new_tokens`` 4 here); a batch of 5 rows holds
+    one sentence's 3 rows, and the next sentence joins as soon as 2 rows are left. The
+    long rows then run side by side: about half the passes of decoding the sentences one
+    batch after the other, with the same tokens."""
+    model = _model(char_tok, "qwen2", 7)
+    sentences = _sentences(3)
+    prompts, constraints = _rows(char_tok, sentences)
+    budget = [1000, 4, 4] * len(sentences)
+    together, t_stats = _decode(model, char_tok, prompts, constraints, batch_size=5, max_new_tokens=budget)
+    one_by_one = 1  # the prefix common to all rows: its own pass in `together`
+    for k in range(len(sentences)):
+        part = slice(3 * k, 3 * k + 3)
+        rows, stats = _decode(model, char_tok, prompts[part], constraints[part], max_new_tokens=budget[part])
+        one_by_one += stats.forward_passes
+        assert [r.token_ids for r in rows] == [r.token_ids for r in together[part]]
+    assert t_stats.forward_passes < 0.6 * one_by_one
 
 
 def test_shared_prefix_when_groups_share_only_the_common_prefix(char_tok):

@@ -53,6 +53,7 @@ __all__ = [
     "VocabIndex",
     "count_forward_passes",
     "decode_constrained",
+    "forward_module",
     "generate_constrained",
     "generate_prompt_lookup",
     "shared_prefix_groups",
@@ -353,13 +354,16 @@ def vocab_index(tokenizer) -> VocabIndex:
 @dataclass
 class DecodeStats:
     """Counters of one decoding call. ``forward_passes`` counts model calls (a batched
-    call is one); ``draft_tokens``/``accepted_tokens`` measure the speculation."""
+    call is one); ``draft_tokens``/``accepted_tokens`` measure the speculation;
+    ``prompt_tokens`` is the prompts' total length, ``prefill_tokens`` the prompt tokens
+    the model computed (a shared prefix once for all rows that share it)."""
 
     forward_passes: int = 0
     generated_tokens: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
     prompt_tokens: int = 0
+    prefill_tokens: int = 0
     seconds: float = 0.0
 
 
@@ -418,10 +422,20 @@ class _Batch:
         self.cache = DynamicCache(config=self.model.config)
         self.mask = torch.zeros((rows, 0), dtype=torch.long)
 
-    def forward(self, blocks: Sequence[Sequence[int]], starts: Sequence[int], keep_last: int = 0):
+    def forward(
+        self,
+        blocks: Sequence[Sequence[int]],
+        starts: Sequence[int],
+        select: Sequence[Tuple[int, int]] = (),
+    ):
         """One pass on a block of tokens per row (row r's first token at position
-        ``starts[r]``); returns logits [rows, width, vocab], or of the last ``keep_last``
-        columns only (the lm head over a large vocabulary is the costly part of a prefill)."""
+        ``starts[r]``); returns the logits [len(select), vocab] at the (row, block column)
+        pairs of ``select``, or None when nothing is selected (a prefill).
+
+        The output layer runs on the selected positions only where the model's logits are
+        plainly its output layer on the last hidden state (:func:`_plain_head`): over a
+        large vocabulary it costs as much as the layers below, and a pass selects about
+        two thirds of its positions (the others are padding and prompt chunks)."""
         import torch
 
         width = max(1, max(len(b) for b in blocks))
@@ -433,18 +447,27 @@ class _Batch:
         positions = torch.tensor(list(starts))[:, None] + torch.arange(width)
         mask = torch.cat([self.mask, valid], dim=1)
         device = self.model.device
-        extra = {"logits_to_keep": min(keep_last, width)} if keep_last and _takes_logits_to_keep(self.model) else {}
-        out = self.model(
+        inputs = dict(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             position_ids=positions.to(device),
             past_key_values=self.cache,
             use_cache=True,
-            **extra,
         )
+        rows = torch.tensor([r for r, _ in select], dtype=torch.long, device=device)
+        cols = torch.tensor([c for _, c in select], dtype=torch.long, device=device)
+        head = _plain_head(self.model)
+        if head is not None:
+            decoder, output_layer = head
+            hidden = decoder(**inputs).last_hidden_state
+            logits = output_layer(hidden[rows, cols]) if select else None
+        else:
+            keep = width - int(cols.min()) if select else 1
+            out = self.model(**inputs, **({"logits_to_keep": keep} if _takes_logits_to_keep(self.model) else {}))
+            logits = out.logits[rows, cols - (width - out.logits.shape[1])] if select else None
         self.mask = mask
         self.last_width = width
-        return out.logits
+        return logits
 
     def add_rows(self, n: int) -> None:
         """Append ``n`` rows that hold the common prefix (when there is one) and nothing
@@ -514,6 +537,31 @@ class _Batch:
         _gather_cache(self.cache, torch.tensor(rows, dtype=torch.long), cols)
 
 
+# Causal LMs whose forward is ``logits = lm_head(model(...).last_hidden_state)``, nothing more
+# (no soft-capping or scaling of the logits).
+_PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def _plain_head(model):
+    """(decoder, output layer) of a model in ``_PLAIN_HEAD_TYPES`` (a peft model: of its
+    base, whose modules carry the adapters), else None: use the model's own forward."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = getattr(base, "model", None)
+    if getattr(base.config, "model_type", None) not in _PLAIN_HEAD_TYPES or decoder is None:
+        return None
+    return decoder, base.get_output_embeddings()
+
+
+def forward_module(model):
+    """The module every forward path of ``model`` (its forward, ``generate``, the
+    constrained decoder's) runs exactly once per pass: the decoder of a model with a
+    plain head, else the model (a peft model's base model)."""
+    head = _plain_head(model)
+    if head is not None:
+        return head[0]
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _takes_logits_to_keep(model) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
@@ -580,8 +628,9 @@ def _common_prefix(model, pad_id, prompts, groups, stats: "DecodeStats") -> Opti
         return None
     batch = _Batch(model, pad_id)
     batch.add_rows(1)
-    batch.forward([heads[0][:top]], [0], keep_last=1)
+    batch.forward([heads[0][:top]], [0])
     stats.forward_passes += 1
+    stats.prefill_tokens += top
     return _Prefix(top, [(layer.keys, layer.values) for layer in batch.cache.layers])
 
 
@@ -641,84 +690,62 @@ def _plan(index: VocabIndex, row: _Row, draft: List[int], start: int, eos_ids) -
     return _Plan(start, draft, options)
 
 
-def _verify(
-    logits, rows: Sequence[Optional[_Row]], plans: Sequence[Optional[_Plan]], index: VocabIndex, offset: int = 0
-):
-    """The constrained choice and its raw log-softmax at every planned position of every
-    row, in a few tensor operations per pass (per token, Python only compares ids).
+def _verify(logits, owners: Sequence[_Row], options: Sequence[_Options], index: VocabIndex):
+    """The constrained choice and its raw log-softmax at every selected position at once
+    (``logits`` [positions, vocab]; ``owners``/``options``: each position's row and legal
+    tokens), in a few tensor operations per pass; per token Python only compares ids.
 
     Plain rule: the argmax over the allowed tokens (ties: lowest id). With
     ``constraint.text_mass`` the allowed tokens that start with a bracket compete with the
     summed probability of every token that does not (the model's "no bracket here"); the
     winning side's best allowed token is taken. A choice depends on its position's logits
     only, so it is the same whether the position was computed alone or in a draft.
-    ``offset``: block columns whose logits were not kept. Returns per row (None where
-    ``plans`` has None) a list of (token, log-probability)."""
+    Returns the chosen token ids and their log-probabilities."""
     import torch
 
-    values_all = logits.float()  # the same tensor when already float32
-    n_rows, width, vocab = values_all.shape
-    flat = values_all.reshape(n_rows * width, vocab)
-    lse = torch.logsumexp(flat, dim=-1)
-    positions, candidates, brackets, text_mass = [], [], [], []
-    for r, plan in enumerate(plans):
-        if plan is None:
-            continue
-        constraint = rows[r].automaton.constraint
-        for k, options in enumerate(plan.options):
-            positions.append(r * width + plan.start - offset + k)
-            candidates.append(options.ids)
-            brackets.append(options.is_bracket)
-            text_mass.append(constraint.text_mass and any(options.is_bracket) and not all(options.is_bracket))
-    out: List[Optional[List[Tuple[int, float]]]] = [None] * n_rows
-    if not positions:
-        return out
-    k_max = max(len(c) for c in candidates)
+    if not len(options):
+        return [], []
+    flat = logits.float()  # the same tensor when already float32
     device = flat.device
+    lse = torch.logsumexp(flat, dim=-1)
+    k_max = max(len(o.ids) for o in options)
     # flat lists convert to tensors much faster than nested ones
-    ids = torch.tensor([i for c in candidates for i in c + c[:1] * (k_max - len(c))], device=device)
-    ids = ids.view(len(candidates), k_max)
-    valid = torch.tensor([k < len(c) for c in candidates for k in range(k_max)], device=device).view_as(ids)
-    is_bracket = torch.tensor([x for b in brackets for x in b + [False] * (k_max - len(b))], device=device)
-    is_bracket = is_bracket.view_as(ids)
-    pos = torch.tensor(positions, device=device)
-    values = flat[pos[:, None], ids]
-    weigh = torch.tensor(text_mass, device=device)
-    if bool(weigh.any()):
+    ids = torch.tensor([i for o in options for i in o.ids + o.ids[:1] * (k_max - len(o.ids))], device=device)
+    ids = ids.view(len(options), k_max)
+    valid = torch.tensor([k < len(o.ids) for o in options for k in range(k_max)], device=device).view_as(ids)
+    is_bracket = torch.tensor(
+        [x for o in options for x in o.is_bracket + [False] * (k_max - len(o.ids))], device=device
+    ).view_as(ids)
+    values = flat.gather(1, ids)
+    weigh = [row.automaton.constraint.text_mass and any(o.is_bracket) and not all(o.is_bracket)
+             for row, o in zip(owners, options)]
+    if any(weigh):
         # log of the summed probability of all text tokens: lse + log(1 - P(brackets))
         share = torch.full_like(lse, float("-inf"))
-        for open_, close in {(row.automaton.constraint.open, row.automaton.constraint.close) for row in rows if row}:
-            bracket_ids = index.bracket_tensor(open_, close, flat)
-            members = [r for r, row in enumerate(rows) if row and row.automaton.constraint.open == open_]
-            cols = torch.tensor([r * width + p for r in members for p in range(width)], device=device)
-            share[cols] = torch.logsumexp(flat.index_select(1, bracket_ids).index_select(0, cols), dim=-1)
-        text = lse[pos] + torch.log(-torch.expm1((share[pos] - lse[pos]).clamp(max=0.0)))
+        for pair in {(row.automaton.constraint.open, row.automaton.constraint.close) for row in owners}:
+            members = torch.tensor(
+                [n for n, row in enumerate(owners) if (row.automaton.constraint.open, row.automaton.constraint.close) == pair],
+                device=device,
+            )
+            bracket_ids = index.bracket_tensor(*pair, flat)
+            if len(bracket_ids):
+                share[members] = torch.logsumexp(flat.index_select(1, bracket_ids).index_select(0, members), dim=-1)
+        text = lse + torch.log(-torch.expm1((share - lse).clamp(max=0.0)))
         best_bracket = values.masked_fill(~(valid & is_bracket), float("-inf")).max(dim=-1).values
         side = torch.where((text >= best_bracket)[:, None], ~is_bracket, is_bracket)
-        valid = valid & torch.where(weigh[:, None], side, torch.ones_like(side))
+        valid = valid & torch.where(torch.tensor(weigh, device=device)[:, None], side, torch.ones_like(side))
     best = values.masked_fill(~valid, float("-inf")).argmax(dim=-1, keepdim=True)  # first maximum
-    chosen = ids.gather(1, best)[:, 0].tolist()
-    logprobs = (values.gather(1, best)[:, 0] - lse[pos]).tolist()
-    at = 0
-    for r, plan in enumerate(plans):
-        if plan is not None:
-            n = len(plan.options)
-            out[r] = list(zip(chosen[at : at + n], logprobs[at : at + n]))
-            at += n
-    return out
+    return ids.gather(1, best)[:, 0].tolist(), (values.gather(1, best)[:, 0] - lse).tolist()
 
 
-def _bias_open_brackets(logits, rows: Sequence[Optional["_Row"]], index: VocabIndex) -> None:
-    """Add each row's ``open_bias`` to the logits of the tokens that open a bracket, in
-    place, before any choice is made (so speculative and plain decoding see the same
-    scores and stay identical). ``None`` marks a batch row that chooses nothing."""
-    for r, row in enumerate(rows):
-        if row is None:
-            continue
+def _bias_open_brackets(logits, owners: Sequence[_Row], index: VocabIndex) -> None:
+    """Add each position's row's ``open_bias`` to the logits of the tokens that open a
+    bracket, in place, before any choice is made (so speculative and plain decoding see
+    the same scores and stay identical)."""
+    for n, row in enumerate(owners):
         constraint = row.automaton.constraint
         if constraint.open_bias:
-            ids = index.ids_starting_with(constraint.open.encode("utf8"))
-            logits[r, :, ids] += constraint.open_bias
+            logits[n, index.ids_starting_with(constraint.open.encode("utf8"))] += constraint.open_bias
 
 
 def _draft_tokens(
@@ -832,17 +859,20 @@ def _decode_stream(model, tokenizer, index, prompts, constraints, max_new, eos_i
             _plan(index, x, drafts[id(x)], len(x.pending) - 1, eos_ids) if id(x) in choosing else None for x in live
         ]
         blocks = [x.pending + plans[r].draft if plans[r] else x.pending[:chunk] for r, x in enumerate(live)]
-        width = max(len(b) for b in blocks)
-        keep = width - min((len(x.pending) - 1 for x in live if id(x) in choosing), default=width - 1)
-        logits = batch.forward(blocks, [x.pos for x in live], keep_last=keep)
-        scored = [x if plans[r] else None for r, x in enumerate(live)]
-        _bias_open_brackets(logits, scored, index)
-        choices = _verify(logits, scored, plans, index, offset=width - logits.shape[1])
+        select = [(r, plan.start + k) for r, plan in enumerate(plans) if plan for k in range(len(plan.options))]
+        owners = [live[r] for r, _ in select]
+        logits = batch.forward(blocks, [x.pos for x in live], select)
+        if select:
+            _bias_open_brackets(logits, owners, index)
+        chosen, logprobs = _verify(logits, owners, [o for plan in plans if plan for o in plan.options], index)
         stats.forward_passes += 1
+        at = 0
         keep_rows, kept_new, still = [], [], []
         for r, x in enumerate(live):
             x.passes += 1
-            if id(x) not in choosing:  # prompt tokens only
+            if isinstance(x, _Group) or not x.out:  # the block starts with prompt tokens
+                stats.prefill_tokens += len(blocks[r]) if plans[r] is None else len(x.pending)
+            if plans[r] is None:  # prompt tokens only
                 fed = len(blocks[r])
                 x.pos, x.pending = x.pos + fed, x.pending[fed:]
                 if isinstance(x, _Group) and not x.pending:  # the shared part is in: copy it
@@ -859,8 +889,9 @@ def _decode_stream(model, tokenizer, index, prompts, constraints, max_new, eos_i
                 continue
             row, plan = x, plans[r]
             stats.draft_tokens += len(plan.draft)
-            accepted = 0
-            for k, (token, logprob) in enumerate(choices[r]):
+            mine = list(zip(chosen[at : at + len(plan.options)], logprobs[at : at + len(plan.options)]))
+            at, accepted = at + len(plan.options), 0
+            for k, (token, logprob) in enumerate(mine):
                 row.out.append(token)
                 row.logprobs.append(logprob)
                 row.configs = plan.options[k].after[token]
@@ -1072,15 +1103,14 @@ def generate_prompt_lookup(lm, requests: Sequence, adapter: Optional[str] = None
 
 @contextmanager
 def count_forward_passes(model) -> Iterator[List[int]]:
-    """Count forward calls of ``model`` (a one-element list, updated in place). A peft
-    model is counted at its base model, which every path (forward, generate) reaches."""
+    """Count forward calls of ``model`` (a one-element list, updated in place), at
+    :func:`forward_module`."""
     counter = [0]
 
     def hook(*_):
         counter[0] += 1
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    handle = base.register_forward_pre_hook(hook)
+    handle = forward_module(model).register_forward_pre_hook(hook)
     try:
         yield counter
     finally:
