@@ -41,6 +41,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import chain
 from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 from ..types import CopyConstraint
@@ -643,6 +644,20 @@ class _Options:
     after: Dict[int, Configs]
     ids: List[int]
     is_bracket: List[bool]
+    _padded: Dict[int, Tuple[List[int], List[bool], List[bool]]] = field(default_factory=dict, compare=False)
+
+    def padded(self, width: int) -> Tuple[List[int], List[bool], List[bool]]:
+        """``ids``, validity and ``is_bracket`` padded to ``width`` (cached: a pass stacks
+        one per position)."""
+        found = self._padded.get(width)
+        if found is None:
+            extra = width - len(self.ids)
+            found = self._padded[width] = (
+                self.ids + self.ids[:1] * extra,
+                [True] * len(self.ids) + [False] * extra,
+                self.is_bracket + [False] * extra,
+            )
+        return found
 
 
 def _options(index: VocabIndex, automaton: CopyAutomaton, configs: Configs, eos_ids) -> _Options:
@@ -709,13 +724,12 @@ def _verify(logits, owners: Sequence[_Row], options: Sequence[_Options], index: 
     device = flat.device
     lse = torch.logsumexp(flat, dim=-1)
     k_max = max(len(o.ids) for o in options)
+    rows = [o.padded(k_max) for o in options]
     # flat lists convert to tensors much faster than nested ones
-    ids = torch.tensor([i for o in options for i in o.ids + o.ids[:1] * (k_max - len(o.ids))], device=device)
-    ids = ids.view(len(options), k_max)
-    valid = torch.tensor([k < len(o.ids) for o in options for k in range(k_max)], device=device).view_as(ids)
-    is_bracket = torch.tensor(
-        [x for o in options for x in o.is_bracket + [False] * (k_max - len(o.ids))], device=device
-    ).view_as(ids)
+    ids, valid, is_bracket = (
+        torch.tensor(list(chain.from_iterable(row[part] for row in rows)), device=device).view(len(rows), k_max)
+        for part in range(3)
+    )
     values = flat.gather(1, ids)
     weigh = [row.automaton.constraint.text_mass and any(o.is_bracket) and not all(o.is_bracket)
              for row, o in zip(owners, options)]
