@@ -235,6 +235,24 @@ def test_text_mass_weighs_a_bracket_against_all_text(char_tok):
         assert logprob == pytest.approx(float(torch.log_softmax(logits[0, 0], -1)[expected]))
 
 
+def test_models_without_a_plain_head_decode_through_their_own_forward(char_tok, monkeypatch):
+    """The output layer on the verified positions only (Qwen2/Llama) and the model's own
+    forward with ``logits_to_keep`` (any other causal LM) give the same answers, and the
+    passes are counted either way."""
+    from spacy_medllm.llm import constrained
+
+    model = _model(char_tok, "llama", 3)
+    prompts, constraints = _rows(char_tok, _sentences(2))
+    split, split_stats = _decode(model, char_tok, prompts, constraints)
+    monkeypatch.setattr(constrained, "_PLAIN_HEAD_TYPES", frozenset())
+    with constrained.count_forward_passes(model) as calls:
+        whole, whole_stats = _decode(model, char_tok, prompts, constraints)
+    assert [r.token_ids for r in whole] == [r.token_ids for r in split]
+    for a, b in zip(whole, split):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-9)
+    assert calls[0] == whole_stats.forward_passes == split_stats.forward_passes
+
+
 def test_speculative_and_shared_prefix_with_bpe(bpe_tok):
     model = _model(bpe_tok, "qwen2", 3)
     prompts, constraints = _rows(bpe_tok, _sentences(2))

@@ -19,11 +19,17 @@ Three things follow from that and are implemented here:
   is last in the template): the common token prefix is run once and its KV cache is copied
   to every row.
 
-Rows of a batch progress at different speeds, so the batch keeps one KV cache with
-explicit position ids per row and a mask over its columns: rejected draft positions are
-masked, cropped when no row needs them and compacted away when rows finish or the holes
-grow. The draft length adapts per row to how far the model followed the last draft (the
-output does not depend on it, only the compute does).
+Rows progress at different speeds, so the batch keeps one KV cache with explicit position
+ids per row and a mask over its columns: rejected draft positions are masked, cropped when
+no row needs them and compacted away when rows finish or the holes grow. With drafts the
+batch is continuous: a finished row leaves and the next text's rows join the next pass
+(a trained model brackets one or two types of a sentence and copies the others in a pass
+or two, so a fixed batch would run its slowest row's tail alone). Prompt tokens ride in
+those passes in chunks no wider than a draft; every draft fills the pass (padding costs
+as much). The draft length adapts per row to how far the model followed the last draft
+(the output does not depend on it, only the compute does). The choices of all verified
+positions of a pass are made in a few tensor operations (:func:`_verify`), and the
+output layer runs on those positions only (:func:`_plain_head`).
 
 ``generate_constrained`` is the runtime entry (``HFGenerator`` calls it for requests that
 carry a constraint); ``generate_prompt_lookup`` offers Hugging Face prompt-lookup decoding
@@ -42,7 +48,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import chain
-from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 from ..types import CopyConstraint
 
@@ -409,10 +415,9 @@ class _Batch:
     Rows advance by different numbers of tokens per pass, so positions are given per row;
     blocks are right-padded, rejected and padded columns are masked and then dropped."""
 
-    def __init__(self, model, pad_id: int, prefix: Optional["_Prefix"] = None):
+    def __init__(self, model, pad_id: int):
         self.model = model
         self.pad_id = pad_id
-        self.prefix = prefix
         self._reset(rows=0)
         self.last_width = 0
 
@@ -461,7 +466,7 @@ class _Batch:
         if head is not None:
             decoder, output_layer = head
             hidden = decoder(**inputs).last_hidden_state
-            logits = output_layer(hidden[rows, cols]) if select else None
+            logits = output_layer(hidden[rows.to(hidden.device), cols.to(hidden.device)]) if select else None
         else:
             keep = width - int(cols.min()) if select else 1
             out = self.model(**inputs, **({"logits_to_keep": keep} if _takes_logits_to_keep(self.model) else {}))
@@ -470,41 +475,55 @@ class _Batch:
         self.last_width = width
         return logits
 
-    def add_rows(self, n: int) -> None:
-        """Append ``n`` rows that hold the common prefix (when there is one) and nothing
-        else: rows join a running batch as others finish."""
+    def add_rows(self, seeds: Sequence[Optional["_Prefix"]]) -> None:
+        """Append one row per seed, holding that cached prefix (the prompt part common to
+        every row, or a text's shared part) or nothing: rows join a running batch as
+        others finish."""
+        if not seeds:
+            return
+        before = self.mask.shape[0]
+        width = max([self.mask.shape[1]] + [seed.length for seed in seeds if seed is not None])
+        mask = self.mask.new_zeros((before + len(seeds), width))
+        mask[:before, : self.mask.shape[1]] = self.mask
+        for k, seed in enumerate(seeds):
+            if seed is not None:
+                mask[before + k, : seed.length] = 1
+        self.mask = mask
+        reference = next((seed.kv for seed in seeds if seed is not None), None)
+        layers = self.cache.layers
+        initialized = bool(layers) and getattr(layers[0], "keys", None) is not None
+        if not initialized and reference is None:
+            return  # nothing cached yet: the next pass creates the cache for every row
+        for i in range(len(reference) if not initialized else len(layers)):
+            grown = []
+            for part in (0, 1):
+                if initialized:
+                    old = (layers[i].keys, layers[i].values)[part]
+                else:
+                    ref = reference[i][part]
+                    old = ref.new_zeros((before, ref.shape[1], 0, ref.shape[3]))
+                new = old.new_zeros((before + len(seeds), old.shape[1], width, old.shape[3]))
+                new[:before, :, : old.shape[2]] = old
+                for k, seed in enumerate(seeds):
+                    if seed is not None:
+                        new[before + k, :, : seed.length] = seed.kv[i][part][0]
+                grown.append(new)
+            if initialized:
+                layers[i].keys, layers[i].values = grown
+            else:
+                self.cache.update(grown[0], grown[1], i)
+
+    def extract(self, row: int) -> "_Prefix":
+        """The keys/values of batch row ``row``'s valid columns, in order: a text's shared
+        prompt part, to seed its rows with."""
         import torch
 
-        if n <= 0:
-            return
-        layers = [layer for layer in self.cache.layers if getattr(layer, "keys", None) is not None]
-        if self.prefix is None:
-            if layers:
-                for layer in layers:
-                    layer.keys = torch.cat([layer.keys, layer.keys.new_zeros((n, *layer.keys.shape[1:]))])
-                    layer.values = torch.cat([layer.values, layer.values.new_zeros((n, *layer.values.shape[1:]))])
-            self.mask = torch.cat([self.mask, self.mask.new_zeros((n, self.mask.shape[1]))])
-            return
-        length = self.prefix.length
-        if not layers:  # an empty batch: the prefix, repeated
-            self._reset(rows=0)
-            for layer_idx, (keys, values) in enumerate(self.prefix.kv):
-                self.cache.update(keys.expand(n, -1, -1, -1).clone(), values.expand(n, -1, -1, -1).clone(), layer_idx)
-            self.mask = torch.ones((n, length), dtype=torch.long)
-            return
-        width = max(self.mask.shape[1], length)
-        for layer, (keys, values) in zip(layers, self.prefix.kv):
-            grown = []
-            for old, new in ((layer.keys, keys), (layer.values, values)):
-                rows = old.new_zeros((old.shape[0] + n, old.shape[1], width, old.shape[3]))
-                rows[: old.shape[0], :, : old.shape[2]] = old
-                rows[old.shape[0] :, :, :length] = new
-                grown.append(rows)
-            layer.keys, layer.values = grown
-        mask = self.mask.new_zeros((self.mask.shape[0] + n, width))
-        mask[: self.mask.shape[0], : self.mask.shape[1]] = self.mask
-        mask[self.mask.shape[0] :, :length] = 1
-        self.mask = mask
+        cols = torch.nonzero(self.mask[row]).flatten()
+        kv = []
+        for layer in self.cache.layers:
+            index = cols.to(layer.keys.device)
+            kv.append((layer.keys[row : row + 1].index_select(2, index), layer.values[row : row + 1].index_select(2, index)))
+        return _Prefix(len(cols), kv)
 
     def keep(self, rows: Sequence[int], kept_new: Sequence[int]) -> None:
         """Keep batch rows ``rows`` (a repeated index copies a row) and, of the columns of
@@ -628,7 +647,7 @@ def _common_prefix(model, pad_id, prompts, groups, stats: "DecodeStats") -> Opti
     if top < MIN_SHARED:
         return None
     batch = _Batch(model, pad_id)
-    batch.add_rows(1)
+    batch.add_rows([None])
     batch.forward([heads[0][:top]], [0])
     stats.forward_passes += 1
     stats.prefill_tokens += top
@@ -831,25 +850,40 @@ def _decode_stream(model, tokenizer, index, prompts, constraints, max_new, eos_i
     else:
         units = [([r], 0) for r in range(len(rows))]
     queue = deque(units)
-    batch = _Batch(model, pad_id, prefix)
+    batch = _Batch(model, pad_id)
     draft_cache: Dict[bytes, List[int]] = {}
     live: List[Any] = []  # _Row or _Group, in cache-row order
-    while queue or live:
+    ready: Deque[Tuple[_Row, _Prefix]] = deque()  # rows whose text's shared part is computed
+    while queue or live or ready:
+        # Every live row or group takes one slot. Rows whose shared part is computed join
+        # first; a new text's group joins while its rows will find room. Without drafts a
+        # pass is one token wide and a joining prompt would widen it for every row: new
+        # texts then join only an empty batch (fixed batches).
         joining: List[Any] = []
-        load = sum(len(x.members) if isinstance(x, _Group) else 1 for x in live)
-        # Without drafts a pass is one token wide and a joining prompt would widen it for
-        # every row: rows then join only an empty batch (fixed batches).
+        seeds: List[Optional[_Prefix]] = []
         open_to_join = speculative or not live
-        while queue and (load == 0 or (open_to_join and load + len(queue[0][0]) <= capacity)):
-            members, shared = queue.popleft()
-            load += len(members)
+        while ready and len(live) + len(joining) < capacity:
+            row, seed = ready.popleft()
+            joining.append(row)
+            seeds.append(seed)
+        waiting = len(ready) + sum(len(x.members) for x in live + joining if isinstance(x, _Group))
+        while queue and (open_to_join or not live + joining):
+            members, shared = queue[0]
+            load = len(live) + len(joining)
+            grouped = len(members) > 1 and shared > top
+            if load and (load >= capacity or waiting >= capacity if grouped else load + len(members) > capacity):
+                break
+            queue.popleft()
             for r in members:
                 rows[r].pos, rows[r].pending, rows[r].passes = top, list(prompts[r][top:]), int(prefix is not None)
-            if len(members) > 1 and shared > top:
+            if grouped:
                 joining.append(_Group([rows[r] for r in members], list(prompts[members[0]][top:shared]), top))
+                seeds.append(prefix)
+                waiting += len(members)
             else:
                 joining.extend(rows[r] for r in members)
-        batch.add_rows(len(joining))
+                seeds.extend([prefix] * len(members))
+        batch.add_rows(seeds)
         live += joining
         # Rows whose prompt is in the cache but for one token choose in this pass; the
         # others (and groups) only feed prompt tokens, at most one draft's width when
@@ -889,13 +923,12 @@ def _decode_stream(model, tokenizer, index, prompts, constraints, max_new, eos_i
             if plans[r] is None:  # prompt tokens only
                 fed = len(blocks[r])
                 x.pos, x.pending = x.pos + fed, x.pending[fed:]
-                if isinstance(x, _Group) and not x.pending:  # the shared part is in: copy it
+                if isinstance(x, _Group) and not x.pending:  # the shared part is in: its rows are ready
+                    shared_kv = batch.extract(r)
                     for row in x.members:
                         row.pos, row.pending = x.pos, row.pending[x.pos - top :]
                         row.passes += x.passes
-                    keep_rows += [r] * len(x.members)
-                    kept_new += [fed] * len(x.members)
-                    still += x.members
+                        ready.append((row, shared_kv))
                 else:
                     keep_rows.append(r)
                     kept_new.append(fed)
