@@ -158,7 +158,7 @@ def overfit(model, tokenizer, rows, eos, steps, lr=3e-3):
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
-    return float(loss), time.perf_counter() - start
+    return float(loss.detach()), time.perf_counter() - start
 
 
 def run_constrained(model, tokenizer, rows, eos, batch_rows, **options):

@@ -828,12 +828,13 @@ def _decode_stream(model, tokenizer, index, prompts, constraints, max_new, eos_i
     """Decode all rows with at most ``capacity`` rows per pass; returns their ``_Row``
     records in order.
 
-    Continuous batching (with drafts): rows leave the batch when they finish and the next
-    groups join the next pass, so the tail of a row with many brackets runs alongside the
-    next texts instead of in passes of its own. Prompt tokens (a group's shared part, a row's own
-    part) ride along in passes that verify other rows' drafts, in chunks no wider than a
-    draft: the batch is padded to its widest block, so a long prompt would make every
-    row pay for its length."""
+    Continuous batching (with drafts): rows leave the batch when they finish and others
+    take their slots in the next pass, so the tail of a row with many brackets runs
+    alongside the next texts instead of in passes of its own. A text's shared prompt part
+    is computed once on one slot and kept; its rows then join one by one. Prompt tokens
+    ride along in passes that verify other rows' drafts, in chunks no wider than a draft:
+    the batch is padded to its widest block, so a long prompt would make every row pay
+    for its length."""
     speculative, share_prefix, max_draft, capacity = options
     shared_options: Dict[CopyConstraint, Dict[Configs, _Options]] = {}
     automata = {
@@ -853,36 +854,32 @@ def _decode_stream(model, tokenizer, index, prompts, constraints, max_new, eos_i
     batch = _Batch(model, pad_id)
     draft_cache: Dict[bytes, List[int]] = {}
     live: List[Any] = []  # _Row or _Group, in cache-row order
-    ready: Deque[Tuple[_Row, _Prefix]] = deque()  # rows whose text's shared part is computed
+    ready: Deque[Tuple[_Row, Optional[_Prefix]]] = deque()  # rows whose prompt prefix is in a cache
     while queue or live or ready:
-        # Every live row or group takes one slot. Rows whose shared part is computed join
-        # first; a new text's group joins while its rows will find room. Without drafts a
-        # pass is one token wide and a joining prompt would widen it for every row: new
-        # texts then join only an empty batch (fixed batches).
+        # Every live row or group takes one slot, and no pass has more than ``capacity``.
+        # Rows whose prompt prefix is computed (``ready``) join first; then the next text:
+        # its group (one slot: the shared part is computed once), or its rows. Without
+        # drafts a pass is one token wide and a joining prompt would widen it for every
+        # row, so rows then join only an empty batch (fixed batches).
         joining: List[Any] = []
         seeds: List[Optional[_Prefix]] = []
         open_to_join = speculative or not live
-        while ready and len(live) + len(joining) < capacity:
-            row, seed = ready.popleft()
-            joining.append(row)
-            seeds.append(seed)
-        waiting = len(ready) + sum(len(x.members) for x in live + joining if isinstance(x, _Group))
-        while queue and (open_to_join or not live + joining):
-            members, shared = queue[0]
-            load = len(live) + len(joining)
-            grouped = len(members) > 1 and shared > top
-            if load and (load >= capacity or waiting >= capacity if grouped else load + len(members) > capacity):
+        while open_to_join:
+            while ready and len(live) + len(joining) < capacity:
+                row, seed = ready.popleft()
+                joining.append(row)
+                seeds.append(seed)
+            waiting = len(ready) + sum(len(x.members) for x in live + joining if isinstance(x, _Group))
+            if not queue or len(live) + len(joining) >= capacity or waiting >= capacity:
                 break
-            queue.popleft()
+            members, shared = queue.popleft()
             for r in members:
                 rows[r].pos, rows[r].pending, rows[r].passes = top, list(prompts[r][top:]), int(prefix is not None)
-            if grouped:
+            if len(members) > 1 and shared > top:
                 joining.append(_Group([rows[r] for r in members], list(prompts[members[0]][top:shared]), top))
                 seeds.append(prefix)
-                waiting += len(members)
             else:
-                joining.extend(rows[r] for r in members)
-                seeds.extend([prefix] * len(members))
+                ready.extend((rows[r], prefix) for r in members)
         batch.add_rows(seeds)
         live += joining
         # Rows whose prompt is in the cache but for one token choose in this pass; the
@@ -984,8 +981,9 @@ def decode_constrained(
     ``speculative`` feeds the rest of the answer as a draft (at most ``max_draft`` tokens)
     and keeps exactly what greedy would produce: the output is the same with it off.
     ``share_prefix`` runs the common prompt prefix of consecutive rows once (keep the rows
-    of one text adjacent). The constraint bounds the answer length by itself;
-    ``max_new_tokens`` (per row, default unbounded) only cuts it.
+    of one text adjacent). At most ``batch_size`` rows are in a model call; with drafts
+    the batch is refilled as rows finish. The constraint bounds the answer length by
+    itself; ``max_new_tokens`` (per row, default unbounded) only cuts it.
     """
     import torch
 
@@ -995,6 +993,8 @@ def decode_constrained(
         raise ValueError("Every prompt needs at least one token.")
     if not eos_token_ids:
         raise ValueError("Constrained decoding needs at least one end token id.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     stats = stats if stats is not None else DecodeStats()
     max_new = list(max_new_tokens) if max_new_tokens is not None else [1 << 30] * len(prompts)
     index = vocab_index(tokenizer)
@@ -1061,9 +1061,8 @@ def generate_constrained(
     in request order.
 
     Called by :class:`~.generation.HFGenerator` for constrained requests. Keep the
-    requests of one text adjacent so their shared prompt prefix is computed once; a
-    group of rows sharing a prefix is kept in one batch even beyond ``batch_size``.
-    ``max_new_tokens`` of a request only cuts an answer (finish reason "length"): the
+    requests of one text adjacent so their shared prompt prefix is computed once;
+    ``batch_size`` bounds the rows of a model call. ``max_new_tokens`` of a request only cuts an answer (finish reason "length"): the
     constraint bounds its length anyway.
     """
     from .generation import GenerationResult, HFGenerator
