@@ -522,7 +522,7 @@ class _Batch:
         kv = []
         for layer in self.cache.layers:
             index = cols.to(layer.keys.device)
-            kv.append((layer.keys[row : row + 1].index_select(2, index), layer.values[row : row + 1].index_select(2, index)))
+            kv.append(tuple(part[row : row + 1].index_select(2, index) for part in (layer.keys, layer.values)))
         return _Prefix(len(cols), kv)
 
     def keep(self, rows: Sequence[int], kept_new: Sequence[int]) -> None:
@@ -750,16 +750,16 @@ def _verify(logits, owners: Sequence[_Row], options: Sequence[_Options], index: 
         for part in range(3)
     )
     values = flat.gather(1, ids)
-    weigh = [row.automaton.constraint.text_mass and any(o.is_bracket) and not all(o.is_bracket)
-             for row, o in zip(owners, options)]
+    weigh = [
+        row.automaton.constraint.text_mass and any(o.is_bracket) and not all(o.is_bracket)
+        for row, o in zip(owners, options)
+    ]
     if any(weigh):
         # log of the summed probability of all text tokens: lse + log(1 - P(brackets))
         share = torch.full_like(lse, float("-inf"))
-        for pair in {(row.automaton.constraint.open, row.automaton.constraint.close) for row in owners}:
-            members = torch.tensor(
-                [n for n, row in enumerate(owners) if (row.automaton.constraint.open, row.automaton.constraint.close) == pair],
-                device=device,
-            )
+        pairs = [(row.automaton.constraint.open, row.automaton.constraint.close) for row in owners]
+        for pair in set(pairs):
+            members = torch.tensor([n for n, p in enumerate(pairs) if p == pair], device=device)
             bracket_ids = index.bracket_tensor(*pair, flat)
             if len(bracket_ids):
                 share[members] = torch.logsumexp(flat.index_select(1, bracket_ids).index_select(0, members), dim=-1)
@@ -824,17 +824,154 @@ class _Group:
     passes: int = 0
 
 
-def _decode_stream(model, tokenizer, index, prompts, constraints, max_new, eos_ids, pad_id, options, prefix, stats):
-    """Decode all rows with at most ``capacity`` rows per pass; returns their ``_Row``
-    records in order.
+class _Stream:
+    """The continuous batch of one decoding call: at most ``capacity`` rows per pass.
 
-    Continuous batching (with drafts): rows leave the batch when they finish and others
-    take their slots in the next pass, so the tail of a row with many brackets runs
-    alongside the next texts instead of in passes of its own. A text's shared prompt part
-    is computed once on one slot and kept; its rows then join one by one. Prompt tokens
-    ride along in passes that verify other rows' drafts, in chunks no wider than a draft:
-    the batch is padded to its widest block, so a long prompt would make every row pay
-    for its length."""
+    With drafts, rows leave the batch when they finish and others take their slots in
+    the next pass, so the tail of a row with many brackets runs alongside the next texts
+    instead of in passes of its own. A text's shared prompt part is computed once on one
+    slot and kept; its rows then join one by one. Prompt tokens ride along in passes
+    that verify other rows' drafts, in chunks no wider than a draft: the batch is padded
+    to its widest block, so a long prompt would make every row pay for its length."""
+
+    def __init__(self, model, tokenizer, index, prompts, rows, units, eos_ids, pad_id, options, prefix, stats):
+        self.model, self.tokenizer, self.index = model, tokenizer, index
+        self.prompts, self.rows, self.eos_ids, self.stats = prompts, rows, eos_ids, stats
+        self.speculative, self.max_draft, self.capacity = options
+        self.prefix = prefix
+        self.top = prefix.length if prefix is not None else 0
+        self.queue = deque(units)  # (row indices, shared prompt length) per text
+        self.ready: Deque[Tuple[_Row, Optional[_Prefix]]] = deque()  # rows whose prompt prefix is cached
+        self.live: List[Any] = []  # _Row or _Group, in cache-row order
+        self.batch = _Batch(model, pad_id)
+        self.draft_cache: Dict[bytes, List[int]] = {}
+
+    def run(self) -> None:
+        while self.queue or self.live or self.ready:
+            self._admit()
+            self._step()
+
+    def _admit(self) -> None:
+        """Fill free slots: rows whose prompt prefix is computed first, then the next
+        text (its group takes one slot, or its rows queue as ready). Without drafts a
+        pass is one token wide and a joining prompt would widen it for every row, so
+        rows then join only an empty batch (fixed batches)."""
+        joining: List[Any] = []
+        seeds: List[Optional[_Prefix]] = []
+        open_to_join = self.speculative or not self.live
+        while open_to_join:
+            while self.ready and len(self.live) + len(joining) < self.capacity:
+                row, seed = self.ready.popleft()
+                joining.append(row)
+                seeds.append(seed)
+            slots = len(self.live) + len(joining)
+            waiting = len(self.ready) + sum(len(x.members) for x in self.live + joining if isinstance(x, _Group))
+            if not self.queue or slots >= self.capacity or waiting >= self.capacity:
+                break
+            members, shared = self.queue.popleft()
+            for r in members:
+                row = self.rows[r]
+                row.pos, row.pending = self.top, list(self.prompts[r][self.top :])
+                row.passes = int(self.prefix is not None)  # the common prefix's pass served it
+            if len(members) > 1 and shared > self.top:
+                group_prompt = self.prompts[members[0]][self.top : shared]
+                joining.append(_Group([self.rows[r] for r in members], list(group_prompt), self.top))
+                seeds.append(self.prefix)
+            else:
+                self.ready.extend((self.rows[r], self.prefix) for r in members)
+        self.batch.add_rows(seeds)
+        self.live += joining
+
+    def _step(self) -> None:
+        """One pass: rows whose prompt is in the cache but for one token verify a draft;
+        the others (and groups) feed prompt tokens, at most one draft's width when some
+        row verifies, all of them otherwise."""
+        live, index = self.live, self.index
+        chunk = 1 + self.max_draft
+        if not any(isinstance(x, _Row) and len(x.pending) <= chunk for x in live):
+            chunk = max(len(x.pending) for x in live)
+        verifying = [isinstance(x, _Row) and len(x.pending) <= chunk for x in live]
+        # per verifying row the draft as wide as a pass allows; a pass is as wide as its
+        # widest block, and padding costs as much as a draft token: every draft fills it
+        longest = [self._draft(x, chunk - len(x.pending)) if v else [] for x, v in zip(live, verifying)]
+        width = max(
+            len(x.pending) + min(x.draft_len, len(d)) if v else min(chunk, len(x.pending))
+            for x, v, d in zip(live, verifying, longest)
+        )
+        plans = [
+            _plan(index, x, d[: width - len(x.pending)], len(x.pending) - 1, self.eos_ids) if v else None
+            for x, v, d in zip(live, verifying, longest)
+        ]
+        blocks = [x.pending + plan.draft if plan else x.pending[:chunk] for x, plan in zip(live, plans)]
+        select = [(r, plan.start + k) for r, plan in enumerate(plans) if plan for k in range(len(plan.options))]
+        owners = [live[r] for r, _ in select]
+        logits = self.batch.forward(blocks, [x.pos for x in live], select)
+        if select:
+            _bias_open_brackets(logits, owners, index)
+        chosen, logprobs = _verify(logits, owners, [o for plan in plans if plan for o in plan.options], index)
+        self.stats.forward_passes += 1
+        at, keep_rows, kept_new, still = 0, [], [], []
+        for r, (x, plan) in enumerate(zip(live, plans)):
+            x.passes += 1
+            if isinstance(x, _Group) or not x.out:  # the block starts with prompt tokens
+                self.stats.prefill_tokens += len(blocks[r]) if plan is None else len(x.pending)
+            if plan is None:
+                fed = len(blocks[r])
+                x.pos, x.pending = x.pos + fed, x.pending[fed:]
+                if isinstance(x, _Group) and not x.pending:  # the shared part is in: its rows are ready
+                    shared_kv = self.batch.extract(r)
+                    for row in x.members:
+                        row.pos, row.pending = x.pos, row.pending[x.pos - self.top :]
+                        row.passes += x.passes
+                        self.ready.append((row, shared_kv))
+                else:
+                    keep_rows.append(r)
+                    kept_new.append(fed)
+                    still.append(x)
+                continue
+            n = len(plan.options)
+            accepted = self._accept(x, plan, chosen[at : at + n], logprobs[at : at + n])
+            at += n
+            if not x.done:
+                keep_rows.append(r)
+                kept_new.append(len(x.pending) + accepted)
+                x.pos += len(x.pending) + accepted
+                x.pending = [x.out[-1]]
+                still.append(x)
+        self.batch.keep(keep_rows, kept_new)
+        self.live = still
+
+    def _draft(self, row: _Row, room: int) -> List[int]:
+        if not self.speculative or room <= 0:
+            return []
+        return _draft_tokens(self.index, self.tokenizer, row, room, self.eos_ids[0], self.draft_cache)
+
+    def _accept(self, row: _Row, plan: _Plan, chosen: List[int], logprobs: List[float]) -> int:
+        """Take the choices along the draft up to the first one that differs from it
+        (that one included); returns how many draft tokens were accepted."""
+        accepted = 0
+        for k, (token, logprob) in enumerate(zip(chosen, logprobs)):
+            row.out.append(token)
+            row.logprobs.append(logprob)
+            row.configs = plan.options[k].after[token]
+            if token in self.eos_ids or len(row.out) >= row.max_new:
+                row.done = True
+                break
+            if k < len(plan.draft) and plan.draft[k] == token:
+                accepted += 1  # its keys/values are already in the cache
+                continue
+            break
+        self.stats.draft_tokens += len(plan.draft)
+        self.stats.accepted_tokens += accepted
+        # Adapt the draft to how far the model follows the source (it only costs compute):
+        # twice the accepted run, shrinking at most by half per pass, so one bracket does
+        # not cut the draft of a model that otherwise copies.
+        row.draft_len = min(self.max_draft, max(MIN_DRAFT, 2 * (accepted + 1), row.draft_len // 2))
+        return accepted
+
+
+def _decode_stream(model, tokenizer, index, prompts, constraints, max_new, eos_ids, pad_id, options, prefix, stats):
+    """Decode all rows (:class:`_Stream`); returns their ``_Row`` records in order."""
     speculative, share_prefix, max_draft, capacity = options
     shared_options: Dict[CopyConstraint, Dict[Configs, _Options]] = {}
     automata = {
@@ -845,120 +982,12 @@ def _decode_stream(model, tokenizer, index, prompts, constraints, max_new, eos_i
         _Row(automaton=automata[c], configs=automata[c].initial, pending=[], max_new=m, draft_len=max_draft)
         for c, m in zip(constraints, max_new)
     ]
-    top = prefix.length if prefix is not None else 0
     if share_prefix:
         units = shared_prefix_groups(prompts, [c.source for c in constraints])
     else:
         units = [([r], 0) for r in range(len(rows))]
-    queue = deque(units)
-    batch = _Batch(model, pad_id)
-    draft_cache: Dict[bytes, List[int]] = {}
-    live: List[Any] = []  # _Row or _Group, in cache-row order
-    ready: Deque[Tuple[_Row, Optional[_Prefix]]] = deque()  # rows whose prompt prefix is in a cache
-    while queue or live or ready:
-        # Every live row or group takes one slot, and no pass has more than ``capacity``.
-        # Rows whose prompt prefix is computed (``ready``) join first; then the next text:
-        # its group (one slot: the shared part is computed once), or its rows. Without
-        # drafts a pass is one token wide and a joining prompt would widen it for every
-        # row, so rows then join only an empty batch (fixed batches).
-        joining: List[Any] = []
-        seeds: List[Optional[_Prefix]] = []
-        open_to_join = speculative or not live
-        while open_to_join:
-            while ready and len(live) + len(joining) < capacity:
-                row, seed = ready.popleft()
-                joining.append(row)
-                seeds.append(seed)
-            waiting = len(ready) + sum(len(x.members) for x in live + joining if isinstance(x, _Group))
-            if not queue or len(live) + len(joining) >= capacity or waiting >= capacity:
-                break
-            members, shared = queue.popleft()
-            for r in members:
-                rows[r].pos, rows[r].pending, rows[r].passes = top, list(prompts[r][top:]), int(prefix is not None)
-            if len(members) > 1 and shared > top:
-                joining.append(_Group([rows[r] for r in members], list(prompts[members[0]][top:shared]), top))
-                seeds.append(prefix)
-            else:
-                ready.extend((rows[r], prefix) for r in members)
-        batch.add_rows(seeds)
-        live += joining
-        # Rows whose prompt is in the cache but for one token choose in this pass; the
-        # others (and groups) only feed prompt tokens, at most one draft's width when
-        # some row chooses, all of them otherwise.
-        chunk = 1 + max_draft
-        if not any(isinstance(x, _Row) and len(x.pending) <= chunk for x in live):
-            chunk = max(len(x.pending) for x in live)
-        choosing = {id(x) for x in live if isinstance(x, _Row) and len(x.pending) <= chunk}
-        longest: Dict[int, List[int]] = {}  # per choosing row, the draft as wide as a pass allows
-        for x in live:
-            if id(x) in choosing:
-                room = chunk - len(x.pending) if speculative else 0
-                longest[id(x)] = _draft_tokens(index, tokenizer, x, room, eos_ids[0], draft_cache) if room else []
-        width = max(
-            len(x.pending) + min(x.draft_len, len(longest[id(x)])) if id(x) in choosing else min(chunk, len(x.pending))
-            for x in live
-        )
-        # padding costs as much as a draft token: every draft fills the pass
-        drafts = {id(x): longest[id(x)][: width - len(x.pending)] for x in live if id(x) in choosing}
-        plans = [
-            _plan(index, x, drafts[id(x)], len(x.pending) - 1, eos_ids) if id(x) in choosing else None for x in live
-        ]
-        blocks = [x.pending + plans[r].draft if plans[r] else x.pending[:chunk] for r, x in enumerate(live)]
-        select = [(r, plan.start + k) for r, plan in enumerate(plans) if plan for k in range(len(plan.options))]
-        owners = [live[r] for r, _ in select]
-        logits = batch.forward(blocks, [x.pos for x in live], select)
-        if select:
-            _bias_open_brackets(logits, owners, index)
-        chosen, logprobs = _verify(logits, owners, [o for plan in plans if plan for o in plan.options], index)
-        stats.forward_passes += 1
-        at = 0
-        keep_rows, kept_new, still = [], [], []
-        for r, x in enumerate(live):
-            x.passes += 1
-            if isinstance(x, _Group) or not x.out:  # the block starts with prompt tokens
-                stats.prefill_tokens += len(blocks[r]) if plans[r] is None else len(x.pending)
-            if plans[r] is None:  # prompt tokens only
-                fed = len(blocks[r])
-                x.pos, x.pending = x.pos + fed, x.pending[fed:]
-                if isinstance(x, _Group) and not x.pending:  # the shared part is in: its rows are ready
-                    shared_kv = batch.extract(r)
-                    for row in x.members:
-                        row.pos, row.pending = x.pos, row.pending[x.pos - top :]
-                        row.passes += x.passes
-                        ready.append((row, shared_kv))
-                else:
-                    keep_rows.append(r)
-                    kept_new.append(fed)
-                    still.append(x)
-                continue
-            row, plan = x, plans[r]
-            stats.draft_tokens += len(plan.draft)
-            mine = list(zip(chosen[at : at + len(plan.options)], logprobs[at : at + len(plan.options)]))
-            at, accepted = at + len(plan.options), 0
-            for k, (token, logprob) in enumerate(mine):
-                row.out.append(token)
-                row.logprobs.append(logprob)
-                row.configs = plan.options[k].after[token]
-                if token in eos_ids or len(row.out) >= row.max_new:
-                    row.done = True
-                    break
-                if k < len(plan.draft) and plan.draft[k] == token:
-                    accepted += 1  # its keys/values are already in the cache
-                    continue
-                break
-            stats.accepted_tokens += accepted
-            # Adapt the draft to how far the model follows the source (it only costs
-            # compute): twice the accepted run, shrinking at most by half per pass, so one
-            # bracket does not cut the draft of a model that otherwise copies.
-            row.draft_len = min(max_draft, max(MIN_DRAFT, 2 * (accepted + 1), row.draft_len // 2))
-            if not row.done:
-                keep_rows.append(r)
-                kept_new.append(len(row.pending) + accepted)
-                row.pos += len(row.pending) + accepted
-                row.pending = [row.out[-1]]
-                still.append(row)
-        batch.keep(keep_rows, kept_new)
-        live = still
+    options = (speculative, max_draft, capacity)
+    _Stream(model, tokenizer, index, prompts, rows, units, eos_ids, pad_id, options, prefix, stats).run()
     return rows
 
 
@@ -1062,8 +1091,8 @@ def generate_constrained(
 
     Called by :class:`~.generation.HFGenerator` for constrained requests. Keep the
     requests of one text adjacent so their shared prompt prefix is computed once;
-    ``batch_size`` bounds the rows of a model call. ``max_new_tokens`` of a request only cuts an answer (finish reason "length"): the
-    constraint bounds its length anyway.
+    ``batch_size`` bounds the rows of a model call. ``max_new_tokens`` of a request
+    only cuts an answer (finish reason "length"): the constraint bounds its length.
     """
     from .generation import GenerationResult, HFGenerator
 
