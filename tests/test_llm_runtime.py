@@ -224,6 +224,42 @@ def test_4bit_nf4_loads_on_cpu_and_generates(models):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
 
 
+def test_constrained_decoding_on_a_4bit_model_with_an_adapter(models):
+    """The QLoRA inference path: copy-constrained speculative decoding through the
+    runtime on a 4-bit base, with and without the adapter, equals constrained greedy."""
+    from spacy_medllm.llm.constrained import decode_constrained
+    from spacy_medllm.types import CopyConstraint
+
+    lm = load_lm(ModelSpec(models["llama"], quantization="4bit", device="cpu"))
+    lm.add_adapter("a", models["lora_llama"])
+    sources = ["头痛三天伴呕吐", "神志大多清晰"]
+    requests = [
+        GenerationRequest(f"{s}\n{label}", chat=True, constraint=CopyConstraint(source=s, forced_prefix=label + "："))
+        for s in sources
+        for label in ("症状", "疾病")
+    ]
+    for adapter in (None, "a"):
+        generator = HFGenerator(lm, adapter)
+        results = generator.generate(requests, batch_size=3)
+        with lm.use(adapter) as model:
+            greedy = decode_constrained(
+                model,
+                generator.tokenizer,
+                [generator.encode(r) for r in requests],
+                [r.constraint for r in requests],
+                eos_token_ids=generator.stop_ids,
+                speculative=False,
+                share_prefix=False,
+            )
+        assert [r.token_ids for r in results] == [g.token_ids for g in greedy]
+        for r, req in zip(results, requests):
+            c = req.constraint
+            assert r.finish_reason == "stop" and r.text.startswith(c.forced_prefix)
+            assert r.text[len(c.forced_prefix) :].replace("[", "").replace("]", "") == c.source
+    with_adapter = [r.token_ids for r in HFGenerator(lm, "a").generate(requests)]
+    assert with_adapter != [r.token_ids for r in HFGenerator(lm).generate(requests)]
+
+
 def test_8bit_loads_on_cpu_and_generates(models):
     lm = load_lm(ModelSpec(models["qwen2"], quantization="8bit", device="cpu"))
     with warnings.catch_warnings():
