@@ -260,7 +260,7 @@ class VocabIndex:
         self.size = len(tokenizer)
         self._starting_with: Dict[bytes, List[int]] = {}
         self._brackets: Dict[Tuple[str, str], FrozenSet[int]] = {}
-        self._masks: Dict[Any, Any] = {}  # bracket index tensors
+        self._bracket_tensors: Dict[Any, Any] = {}
 
     def ids_starting_with(self, prefix: bytes) -> List[int]:
         """Every token whose byte string starts with ``prefix`` (cached: the decoder asks
@@ -289,10 +289,10 @@ class VocabIndex:
         import torch
 
         key = (open, close, logits.device, logits.shape[-1])
-        found = self._masks.get(key)
+        found = self._bracket_tensors.get(key)
         if found is None:
             ids = sorted(i for i in self.bracket_ids(open, close) if i < logits.shape[-1])
-            found = self._masks[key] = torch.tensor(ids, dtype=torch.long, device=logits.device)
+            found = self._bracket_tensors[key] = torch.tensor(ids, dtype=torch.long, device=logits.device)
         return found
 
     def narrow(self, prefix: bytes, lo: int, hi: int) -> Tuple[int, int]:
