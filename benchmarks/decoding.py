@@ -78,10 +78,9 @@ def load_model(path, hidden=256, layers=4):
     """A trained checkpoint (``path``; ``embedded``: the shipped tiny model) or, for
     ``random``, a random tiny char-level Qwen2 built here."""
     if path != "random":
-        from spacy_medllm.embedded import resolve_model_path
         from spacy_medllm.llm.loader import ModelSpec, load_lm
 
-        lm = load_lm(ModelSpec(path=str(resolve_model_path(path)), device="cpu"))
+        lm = load_lm(ModelSpec(path=path, device="cpu"))  # the loader resolves "embedded"
         return lm.model.eval(), lm.tokenizer, f"checkpoint {path}"
     from spacy_medllm.llm.tiny import (
         TinyModelConfig,

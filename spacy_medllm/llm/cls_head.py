@@ -43,7 +43,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .loader import LoadedLM, MedLLMLoadError, ModelSpec, default_adapter_name, load_lm
+from .loader import LoadedLM, MedLLMLoadError, ModelSpec, default_adapter_name, load_lm, unwrap_peft
 
 MARKERS = ("<ent>", "</ent>")
 KINDS = ("llm", "encoder")
@@ -209,7 +209,7 @@ class SpanClassifier(nn.Module):
         device = self.device
         input_ids, attention_mask, positions = input_ids.to(device), attention_mask.to(device), positions.to(device)
         with self._active() as model:
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            base = unwrap_peft(model)
             backbone = base.get_decoder() if self.settings.kind == "llm" else base
             hidden = backbone(
                 inputs_embeds=self._embed(model, input_ids), attention_mask=attention_mask

@@ -47,10 +47,10 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
-from itertools import chain
 from typing import Any, Deque, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 from ..types import CopyConstraint
+from .loader import unwrap_peft
 
 __all__ = [
     "CopyAutomaton",
@@ -418,6 +418,8 @@ class _Batch:
     def __init__(self, model, pad_id: int):
         self.model = model
         self.pad_id = pad_id
+        self.head = _plain_head(model)
+        self.takes_logits_to_keep = "logits_to_keep" in inspect.signature(unwrap_peft(model).forward).parameters
         self._reset(rows=0)
         self.last_width = 0
 
@@ -462,14 +464,13 @@ class _Batch:
         )
         rows = torch.tensor([r for r, _ in select], dtype=torch.long, device=device)
         cols = torch.tensor([c for _, c in select], dtype=torch.long, device=device)
-        head = _plain_head(self.model)
-        if head is not None:
-            decoder, output_layer = head
+        if self.head is not None:
+            decoder, output_layer = self.head
             hidden = decoder(**inputs).last_hidden_state
             logits = output_layer(hidden[rows.to(hidden.device), cols.to(hidden.device)]) if select else None
         else:
             keep = width - int(cols.min()) if select else 1
-            out = self.model(**inputs, **({"logits_to_keep": keep} if _takes_logits_to_keep(self.model) else {}))
+            out = self.model(**inputs, **({"logits_to_keep": keep} if self.takes_logits_to_keep else {}))
             logits = out.logits[rows, cols - (width - out.logits.shape[1])] if select else None
         self.mask = mask
         self.last_width = width
@@ -565,11 +566,10 @@ _PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 def _plain_head(model):
     """(decoder, output layer) of a model in ``_PLAIN_HEAD_TYPES`` (a peft model: of its
     base, whose modules carry the adapters), else None: use the model's own forward."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = getattr(base, "model", None)
-    if getattr(base.config, "model_type", None) not in _PLAIN_HEAD_TYPES or decoder is None:
+    base = unwrap_peft(model)
+    if getattr(base.config, "model_type", None) not in _PLAIN_HEAD_TYPES:
         return None
-    return decoder, base.get_output_embeddings()
+    return base.get_decoder(), base.get_output_embeddings()
 
 
 def forward_module(model):
@@ -577,14 +577,7 @@ def forward_module(model):
     constrained decoder's) runs exactly once per pass: the decoder of a model with a
     plain head, else the model (a peft model's base model)."""
     head = _plain_head(model)
-    if head is not None:
-        return head[0]
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _takes_logits_to_keep(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return head[0] if head is not None else unwrap_peft(model)
 
 
 def _gather_cache(cache, rows, cols) -> None:
@@ -631,8 +624,8 @@ def shared_prefix_groups(
 
 @dataclass
 class _Prefix:
-    """The key/values of the prompt prefix common to every row of a call (the
-    instruction), computed once and seeded into every batch."""
+    """Cached key/values of a prompt prefix (the part common to every row of a call, or
+    one text's shared part), computed once and seeded into the rows that start with it."""
 
     length: int
     kv: List[Tuple[object, object]]
@@ -663,20 +656,6 @@ class _Options:
     after: Dict[int, Configs]
     ids: List[int]
     is_bracket: List[bool]
-    _padded: Dict[int, Tuple[List[int], List[bool], List[bool]]] = field(default_factory=dict, compare=False)
-
-    def padded(self, width: int) -> Tuple[List[int], List[bool], List[bool]]:
-        """``ids``, validity and ``is_bracket`` padded to ``width`` (cached: a pass stacks
-        one per position)."""
-        found = self._padded.get(width)
-        if found is None:
-            extra = width - len(self.ids)
-            found = self._padded[width] = (
-                self.ids + self.ids[:1] * extra,
-                [True] * len(self.ids) + [False] * extra,
-                self.is_bracket + [False] * extra,
-            )
-        return found
 
 
 def _options(index: VocabIndex, automaton: CopyAutomaton, configs: Configs, eos_ids) -> _Options:
@@ -743,12 +722,13 @@ def _verify(logits, owners: Sequence[_Row], options: Sequence[_Options], index: 
     device = flat.device
     lse = torch.logsumexp(flat, dim=-1)
     k_max = max(len(o.ids) for o in options)
-    rows = [o.padded(k_max) for o in options]
-    # flat lists convert to tensors much faster than nested ones
-    ids, valid, is_bracket = (
-        torch.tensor(list(chain.from_iterable(row[part] for row in rows)), device=device).view(len(rows), k_max)
-        for part in range(3)
-    )
+    # padded to k_max per position; flat lists convert to tensors much faster than nested ones
+    ids = torch.tensor([i for o in options for i in o.ids + o.ids[:1] * (k_max - len(o.ids))], device=device)
+    ids = ids.view(len(options), k_max)
+    valid = torch.tensor([k < len(o.ids) for o in options for k in range(k_max)], device=device).view_as(ids)
+    is_bracket = torch.tensor(
+        [x for o in options for x in o.is_bracket + [False] * (k_max - len(o.ids))], device=device
+    ).view_as(ids)
     values = flat.gather(1, ids)
     weigh = [
         row.automaton.constraint.text_mass and any(o.is_bracket) and not all(o.is_bracket)
@@ -816,7 +796,7 @@ def _draft_tokens(
 class _Group:
     """Rows of one text and the part of their prompt they share (the sentence): it is run
     once, on one cache row (``pending`` is what is not in the cache yet, from ``pos``),
-    which is then copied to every member."""
+    whose keys/values then seed every member."""
 
     members: List[_Row]
     pending: List[int]
@@ -970,9 +950,13 @@ class _Stream:
         return accepted
 
 
-def _decode_stream(model, tokenizer, index, prompts, constraints, max_new, eos_ids, pad_id, options, prefix, stats):
-    """Decode all rows (:class:`_Stream`); returns their ``_Row`` records in order."""
-    speculative, share_prefix, max_draft, capacity = options
+def _decode_stream(
+    model, tokenizer, index, prompts, constraints, max_new, units, eos_ids, pad_id, options, prefix, stats
+):
+    """Decode all rows (:class:`_Stream`); ``units``: (row indices, shared prompt length)
+    per text; ``options``: (speculative, max_draft, capacity). Returns the rows' ``_Row``
+    records in order."""
+    _, max_draft, _ = options
     shared_options: Dict[CopyConstraint, Dict[Configs, _Options]] = {}
     automata = {
         c: CopyAutomaton(c, shared_options.setdefault(dataclasses.replace(c, forced_prefix=""), {}))
@@ -982,11 +966,6 @@ def _decode_stream(model, tokenizer, index, prompts, constraints, max_new, eos_i
         _Row(automaton=automata[c], configs=automata[c].initial, pending=[], max_new=m, draft_len=max_draft)
         for c, m in zip(constraints, max_new)
     ]
-    if share_prefix:
-        units = shared_prefix_groups(prompts, [c.source for c in constraints])
-    else:
-        units = [([r], 0) for r in range(len(rows))]
-    options = (speculative, max_draft, capacity)
     _Stream(model, tokenizer, index, prompts, rows, units, eos_ids, pad_id, options, prefix, stats).run()
     return rows
 
@@ -1035,24 +1014,27 @@ def decode_constrained(
         if max_new[r] <= 0:
             results[r] = DecodedRow(text="", token_ids=[], logprobs=[], forward_passes=0, finished=False)
     with torch.inference_mode():
-        sources = [constraints[r].source for r in todo]
+        todo_prompts = [prompts[r] for r in todo]
         prefix = None
-        if share_prefix:
+        if share_prefix:  # the rows of one text form a unit; the prefix all share is run once
             start = time.perf_counter()
-            todo_prompts = [prompts[r] for r in todo]
-            prefix = _common_prefix(model, pad_id, todo_prompts, shared_prefix_groups(todo_prompts, sources), stats)
+            units = shared_prefix_groups(todo_prompts, [constraints[r].source for r in todo])
+            prefix = _common_prefix(model, pad_id, todo_prompts, units, stats)
             stats.seconds += time.perf_counter() - start
+        else:
+            units = [([k], 0) for k in range(len(todo))]
         start = time.perf_counter()
         rows = _decode_stream(
             model,
             tokenizer,
             index,
-            [prompts[r] for r in todo],
+            todo_prompts,
             [constraints[r] for r in todo],
             [max_new[r] for r in todo],
+            units,
             eos_ids,
             pad_id,
-            (speculative, share_prefix, max_draft, batch_size),
+            (speculative, max_draft, batch_size),
             prefix,
             stats,
         )

@@ -231,6 +231,12 @@ class LoadedLM:
             self.model.resize_token_embeddings(n_tokens)
 
 
+def unwrap_peft(model: Any) -> Any:
+    """The transformers model under a peft wrapper (its modules carry the adapters), or
+    ``model`` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def default_adapter_name(path: Union[str, Path]) -> str:
     """A name peft accepts for the adapter at ``path``: the directory name (characters other
     than letters, digits and ``_`` replaced) and a hash of the full path, so that two
