@@ -216,7 +216,7 @@ def test_text_mass_weighs_a_bracket_against_all_text(char_tok):
     the source token plus 100 other text tokens at -1 (log 101 - 1 > 0)."""
     import torch
 
-    from spacy_medllm.llm.constrained import _plan, _Row, _verify
+    from spacy_medllm.llm.constrained import _OptionTable, _plan, _Row, _verify
 
     index = vocab_index(char_tok)
     source = _sentences(1)[0]
@@ -230,7 +230,7 @@ def test_text_mass_weighs_a_bracket_against_all_text(char_tok):
         automaton = CopyAutomaton(CopyConstraint(source=source, text_mass=text_mass))
         row = _Row(automaton=automaton, configs=automaton.initial, pending=[], max_new=10, draft_len=4)
         plan = _plan(index, row, [], 0, [char_tok.eos_token_id])
-        [token], [logprob] = _verify(logits[0], [row], plan.options, index)
+        [token], [logprob] = _verify(logits[0], plan.options, index, _OptionTable())
         assert token == expected
         assert logprob == pytest.approx(float(torch.log_softmax(logits[0, 0], -1)[expected]))
 

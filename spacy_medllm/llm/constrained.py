@@ -44,7 +44,7 @@ import re
 import time
 import weakref
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Deque, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
@@ -419,6 +419,7 @@ class _Batch:
         self.model = model
         self.pad_id = pad_id
         self.head = _plain_head(model)
+        self.mlps = _layer_mlps(self.head[0]) if self.head is not None else []
         self.takes_logits_to_keep = "logits_to_keep" in inspect.signature(unwrap_peft(model).forward).parameters
         self._reset(rows=0)
         self.last_width = 0
@@ -447,11 +448,8 @@ class _Batch:
         import torch
 
         width = max(1, max(len(b) for b in blocks))
-        ids = torch.full((len(blocks), width), self.pad_id, dtype=torch.long)
-        valid = torch.zeros((len(blocks), width), dtype=torch.long)
-        for r, block in enumerate(blocks):
-            ids[r, : len(block)] = torch.tensor(list(block), dtype=torch.long)
-            valid[r, : len(block)] = 1
+        ids = torch.tensor([list(b) + [self.pad_id] * (width - len(b)) for b in blocks], dtype=torch.long)
+        valid = (torch.arange(width)[None, :] < torch.tensor([len(b) for b in blocks])[:, None]).long()
         positions = torch.tensor(list(starts))[:, None] + torch.arange(width)
         mask = torch.cat([self.mask, valid], dim=1)
         device = self.model.device
@@ -466,7 +464,10 @@ class _Batch:
         cols = torch.tensor([c for _, c in select], dtype=torch.long, device=device)
         if self.head is not None:
             decoder, output_layer = self.head
-            hidden = decoder(**inputs).last_hidden_state
+            real = valid.flatten().nonzero().flatten()
+            packed = _packed(self.mlps, real.to(device)) if len(real) < PACK_BELOW * valid.numel() else nullcontext()
+            with packed:
+                hidden = decoder(**inputs).last_hidden_state
             logits = output_layer(hidden[rows.to(hidden.device), cols.to(hidden.device)]) if select else None
         else:
             keep = width - int(cols.min()) if select else 1
@@ -572,6 +573,41 @@ def _plain_head(model):
     return base.get_decoder(), base.get_output_embeddings()
 
 
+PACK_BELOW = 0.9  # share of real (unpadded) positions under which the MLPs skip the padding
+
+
+def _layer_mlps(decoder) -> List[Any]:
+    """The feed-forward block of every decoder layer (``layer.mlp``), or [] if any lacks one."""
+    mlps = [getattr(layer, "mlp", None) for layer in getattr(decoder, "layers", [])]
+    return mlps if mlps and all(m is not None for m in mlps) else []
+
+
+@contextmanager
+def _packed(mlps: Sequence[Any], real) -> Iterator[None]:
+    """Run the feed-forward blocks on the real positions only (``real``: flat indices into
+    the [rows, width] block); padded positions get zeros, which nothing attends to. A
+    position-wise block gives the same values either way, and it is most of a layer's
+    arithmetic: a pass is padded where rows end before the widest one."""
+    shapes: List[Any] = []
+
+    def pack(_module, args):
+        hidden = args[0]
+        shapes.append(hidden.shape)
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, real),) + tuple(args[1:])
+
+    def unpack(_module, _args, out):
+        rows, width, _ = shapes.pop()
+        full = out.new_zeros((rows * width, out.shape[-1])).index_copy_(0, real, out)
+        return full.view(rows, width, -1)
+
+    handles = [h for m in mlps for h in (m.register_forward_pre_hook(pack), m.register_forward_hook(unpack))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def forward_module(model):
     """The module every forward path of ``model`` (its forward, ``generate``, the
     constrained decoder's) runs exactly once per pass: the decoder of a model with a
@@ -651,11 +687,16 @@ def _common_prefix(model, pad_id, prompts, groups, stats: "DecodeStats") -> Opti
 class _Options:
     """The legal tokens of one configuration set: ``after`` maps each to the configuration
     set it leads to; ``ids`` are all of them ascending (ties of the argmax go to the lowest
-    id) and ``is_bracket`` says which start with a bracket (the others are text or EOS)."""
+    id) and ``is_bracket`` says which start with a bracket (the others are text or EOS).
+    ``weigh``: the choice is the constraint's ``text_mass`` decision (brackets and text both
+    legal); ``brackets``/``open_bias``: the constraint's."""
 
     after: Dict[int, Configs]
     ids: List[int]
     is_bracket: List[bool]
+    weigh: bool = False
+    brackets: Tuple[str, str] = ("[", "]")
+    open_bias: float = 0.0
 
 
 def _options(index: VocabIndex, automaton: CopyAutomaton, configs: Configs, eos_ids) -> _Options:
@@ -673,8 +714,61 @@ def _options(index: VocabIndex, automaton: CopyAutomaton, configs: Configs, eos_
         c = automaton.constraint
         brackets = index.bracket_ids(c.open, c.close)
         ids = sorted(after)
-        options = automaton.options_cache[configs] = _Options(after, ids, [i in brackets for i in ids])
+        is_bracket = [i in brackets for i in ids]
+        weigh = c.text_mass and any(is_bracket) and not all(is_bracket)
+        options = _Options(after, ids, is_bracket, weigh, (c.open, c.close), c.open_bias)
+        automaton.options_cache[configs] = options
     return options
+
+
+class _OptionTable:
+    """The options a decoding call has met, as rows of padded tensors (ids, validity,
+    bracket flags, text_mass flag, bracket pair), so that a pass gathers its positions'
+    legal tokens with one index instead of building tensors from lists."""
+
+    def __init__(self):
+        import torch
+
+        self.row_of: Dict[int, int] = {}  # id(_Options) -> table row
+        self.kept: List[_Options] = []  # keeps the ids above valid
+        self.pairs: List[Tuple[str, str]] = []
+        self.ids = torch.zeros((0, 1), dtype=torch.long)
+        self.is_bracket = torch.zeros((0, 1), dtype=torch.bool)
+        self.lengths = torch.zeros(0, dtype=torch.long)
+        self.weigh = torch.zeros(0, dtype=torch.bool)
+        self.pair = torch.zeros(0, dtype=torch.long)
+
+    def rows(self, options: Sequence[_Options]):
+        """The table rows of ``options`` (added when new), as an index tensor."""
+        import torch
+
+        found = [self.row_of.get(id(o), -1) for o in options]
+        new = list({id(o): o for o, r in zip(options, found) if r < 0}.values())
+        if new:
+            self._add(new)
+            found = [self.row_of[id(o)] for o in options]
+        return torch.tensor(found, dtype=torch.long)
+
+    def _add(self, new: List[_Options]) -> None:
+        import torch
+
+        width = max(self.ids.shape[1], max(len(o.ids) for o in new))
+        for pair in {o.brackets for o in new} - set(self.pairs):
+            self.pairs.append(pair)
+        ids = torch.tensor([o.ids + o.ids[:1] * (width - len(o.ids)) for o in new], dtype=torch.long)
+        flags = torch.tensor([o.is_bracket + [False] * (width - len(o.ids)) for o in new], dtype=torch.bool)
+        old = self.ids.shape[1]
+        if width > old:  # pad the rows so far: repeat their first id, not a bracket
+            self.ids = torch.cat([self.ids, self.ids[:, :1].expand(-1, width - old)], dim=1)
+            self.is_bracket = torch.cat([self.is_bracket, self.is_bracket.new_zeros((len(self.kept), width - old))], 1)
+        self.ids = torch.cat([self.ids, ids])
+        self.is_bracket = torch.cat([self.is_bracket, flags])
+        self.lengths = torch.cat([self.lengths, torch.tensor([len(o.ids) for o in new], dtype=torch.long)])
+        self.weigh = torch.cat([self.weigh, torch.tensor([o.weigh for o in new], dtype=torch.bool)])
+        self.pair = torch.cat([self.pair, torch.tensor([self.pairs.index(o.brackets) for o in new])])
+        for o in new:
+            self.row_of[id(o)] = len(self.kept)
+            self.kept.append(o)
 
 
 @dataclass
@@ -703,10 +797,10 @@ def _plan(index: VocabIndex, row: _Row, draft: List[int], start: int, eos_ids) -
     return _Plan(start, draft, options)
 
 
-def _verify(logits, owners: Sequence[_Row], options: Sequence[_Options], index: VocabIndex):
+def _verify(logits, options: Sequence[_Options], index: VocabIndex, table: _OptionTable):
     """The constrained choice and its raw log-softmax at every selected position at once
-    (``logits`` [positions, vocab]; ``owners``/``options``: each position's row and legal
-    tokens), in a few tensor operations per pass; per token Python only compares ids.
+    (``logits`` [positions, vocab]; ``options``: each position's legal tokens, looked up
+    in ``table``), in a few tensor operations per pass; per token Python only compares ids.
 
     Plain rule: the argmax over the allowed tokens (ties: lowest id). With
     ``constraint.text_mass`` the allowed tokens that start with a bracket compete with the
@@ -720,45 +814,39 @@ def _verify(logits, owners: Sequence[_Row], options: Sequence[_Options], index: 
         return [], []
     flat = logits.float()  # the same tensor when already float32
     device = flat.device
-    lse = torch.logsumexp(flat, dim=-1)
-    k_max = max(len(o.ids) for o in options)
-    # padded to k_max per position; flat lists convert to tensors much faster than nested ones
-    ids = torch.tensor([i for o in options for i in o.ids + o.ids[:1] * (k_max - len(o.ids))], device=device)
-    ids = ids.view(len(options), k_max)
-    valid = torch.tensor([k < len(o.ids) for o in options for k in range(k_max)], device=device).view_as(ids)
-    is_bracket = torch.tensor(
-        [x for o in options for x in o.is_bracket + [False] * (k_max - len(o.ids))], device=device
-    ).view_as(ids)
-    values = flat.gather(1, ids)
-    weigh = [
-        row.automaton.constraint.text_mass and any(o.is_bracket) and not all(o.is_bracket)
-        for row, o in zip(owners, options)
-    ]
-    if any(weigh):
-        # log of the summed probability of all text tokens: lse + log(1 - P(brackets))
-        share = torch.full_like(lse, float("-inf"))
-        pairs = [(row.automaton.constraint.open, row.automaton.constraint.close) for row in owners]
-        for pair in set(pairs):
-            members = torch.tensor([n for n, p in enumerate(pairs) if p == pair], device=device)
-            bracket_ids = index.bracket_tensor(*pair, flat)
-            if len(bracket_ids):
-                share[members] = torch.logsumexp(flat.index_select(1, bracket_ids).index_select(0, members), dim=-1)
-        text = lse + torch.log(-torch.expm1((share - lse).clamp(max=0.0)))
-        best_bracket = values.masked_fill(~(valid & is_bracket), float("-inf")).max(dim=-1).values
+    _bias_open_brackets(flat, options, index)
+    rows = table.rows(options)
+    ids, is_bracket = table.ids[rows].to(device), table.is_bracket[rows].to(device)
+    k_max = int(table.lengths[rows].max())
+    ids, is_bracket = ids[:, :k_max], is_bracket[:, :k_max]
+    valid = (torch.arange(k_max)[None, :] < table.lengths[rows][:, None]).to(device)
+    logp = torch.log_softmax(flat, dim=-1)  # one fused pass; the argmax stays on the logits
+    values, value_logp = flat.gather(1, ids), logp.gather(1, ids)
+    weigh = table.weigh[rows].to(device)
+    if bool(weigh.any()):
+        # log of the summed probability of all text tokens: log(1 - P(brackets))
+        pair = table.pair[rows]
+        bracket_logp = torch.full_like(logp[:, 0], float("-inf"))
+        for k, brackets in enumerate(table.pairs):
+            members = torch.nonzero(pair == k).flatten().to(device)
+            bracket_ids = index.bracket_tensor(*brackets, flat)
+            if len(members) and len(bracket_ids):
+                bracket_logp[members] = torch.logsumexp(logp.index_select(1, bracket_ids).index_select(0, members), -1)
+        text = torch.log(-torch.expm1(bracket_logp.clamp(max=0.0)))
+        best_bracket = value_logp.masked_fill(~(valid & is_bracket), float("-inf")).max(dim=-1).values
         side = torch.where((text >= best_bracket)[:, None], ~is_bracket, is_bracket)
-        valid = valid & torch.where(torch.tensor(weigh, device=device)[:, None], side, torch.ones_like(side))
+        valid = valid & torch.where(weigh[:, None], side, torch.ones_like(side))
     best = values.masked_fill(~valid, float("-inf")).argmax(dim=-1, keepdim=True)  # first maximum
-    return ids.gather(1, best)[:, 0].tolist(), (values.gather(1, best)[:, 0] - lse).tolist()
+    return ids.gather(1, best)[:, 0].tolist(), value_logp.gather(1, best)[:, 0].tolist()
 
 
-def _bias_open_brackets(logits, owners: Sequence[_Row], index: VocabIndex) -> None:
-    """Add each position's row's ``open_bias`` to the logits of the tokens that open a
-    bracket, in place, before any choice is made (so speculative and plain decoding see
-    the same scores and stay identical)."""
-    for n, row in enumerate(owners):
-        constraint = row.automaton.constraint
-        if constraint.open_bias:
-            logits[n, index.ids_starting_with(constraint.open.encode("utf8"))] += constraint.open_bias
+def _bias_open_brackets(logits, options: Sequence[_Options], index: VocabIndex) -> None:
+    """Add each position's ``open_bias`` to the logits of the tokens that open a bracket,
+    in place, before any choice is made (so speculative and plain decoding see the same
+    scores and stay identical)."""
+    for n, o in enumerate(options):
+        if o.open_bias:
+            logits[n, index.ids_starting_with(o.brackets[0].encode("utf8"))] += o.open_bias
 
 
 def _draft_tokens(
@@ -825,6 +913,7 @@ class _Stream:
         self.live: List[Any] = []  # _Row or _Group, in cache-row order
         self.batch = _Batch(model, pad_id)
         self.draft_cache: Dict[bytes, List[int]] = {}
+        self.table = _OptionTable()
 
     def run(self) -> None:
         while self.queue or self.live or self.ready:
@@ -884,11 +973,9 @@ class _Stream:
         ]
         blocks = [x.pending + plan.draft if plan else x.pending[:chunk] for x, plan in zip(live, plans)]
         select = [(r, plan.start + k) for r, plan in enumerate(plans) if plan for k in range(len(plan.options))]
-        owners = [live[r] for r, _ in select]
         logits = self.batch.forward(blocks, [x.pos for x in live], select)
-        if select:
-            _bias_open_brackets(logits, owners, index)
-        chosen, logprobs = _verify(logits, owners, [o for plan in plans if plan for o in plan.options], index)
+        options = [o for plan in plans if plan for o in plan.options]
+        chosen, logprobs = _verify(logits, options, index, self.table)
         self.stats.forward_passes += 1
         at, keep_rows, kept_new, still = 0, [], [], []
         for r, (x, plan) in enumerate(zip(live, plans)):
