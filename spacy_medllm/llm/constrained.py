@@ -527,36 +527,79 @@ class _Batch:
             kv.append(tuple(part[row : row + 1].index_select(2, index) for part in (layer.keys, layer.values)))
         return _Prefix(len(cols), kv)
 
-    def keep(self, rows: Sequence[int], kept_new: Sequence[int]) -> None:
-        """Keep batch rows ``rows`` (a repeated index copies a row) and, of the columns of
-        the last pass, the first ``kept_new[k]`` for the k-th kept row.
+    def seed(self, row: int, seed: Optional["_Prefix"]) -> None:
+        """Give batch row ``row``, whose row has left, to a joining row holding ``seed``:
+        the old columns are masked and the seed written over the first ones in place,
+        instead of appending a row (a copy of the whole cache) and dropping the old one
+        (another)."""
+        self.mask[row] = 0
+        if seed is None:
+            return
+        if seed.length > self.mask.shape[1]:
+            self._widen(seed.length)
+        self.mask[row, : seed.length] = 1
+        for layer, (keys, values) in zip(self.cache.layers, seed.kv):
+            layer.keys[row, :, : seed.length] = keys[0]
+            layer.values[row, :, : seed.length] = values[0]
 
-        Columns no row uses any more are cropped from the end (cheap); the cache is only
-        re-gathered when rows change or masked holes would waste a quarter of it."""
+    def _widen(self, width: int) -> None:
+        grow = width - self.mask.shape[1]
+        self.mask = _with_zero_columns(self.mask, grow)
+        for layer in self.cache.layers:
+            layer.keys, layer.values = _with_zero_columns(layer.keys, grow), _with_zero_columns(layer.values, grow)
+
+    def select_rows(self, rows: Sequence[int]) -> None:
+        """Keep batch rows ``rows`` only, in that order (rows left and nobody took them)."""
         import torch
 
-        rows = list(rows)
         if not rows:
             self._reset(rows=0)
             return
-        mask = self.mask[rows].clone()
-        for k, n in enumerate(kept_new):
-            mask[k, mask.shape[1] - self.last_width + n :] = 0
+        index = torch.tensor(list(rows), dtype=torch.long)
+        self.mask = self.mask[index]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[index.to(layer.keys.device)], layer.values[index.to(layer.keys.device)]
+
+    def keep(self, kept_new: Sequence[Optional[int]]) -> None:
+        """Of the columns of the last pass keep the first ``kept_new[r]`` for batch row r;
+        None: the row left (its columns are masked, the row waits for :meth:`seed` or
+        :meth:`select_rows`).
+
+        Columns no row uses any more are cropped from the end (cheap); the cache is only
+        re-gathered when masked holes would waste a quarter of it."""
+        import torch
+
+        if all(n is None for n in kept_new):
+            self._reset(rows=0)
+            return
+        mask = self.mask
+        for r, n in enumerate(kept_new):
+            mask[r, mask.shape[1] - self.last_width + n if n is not None else 0 :] = 0
         counts = mask.sum(dim=1)
         used = torch.nonzero(mask.any(dim=0)).flatten()
         end = int(used[-1]) + 1 if len(used) else 0
-        waste = end - int(counts.max())
-        if rows == list(range(self.mask.shape[0])) and waste < max(32, end // 4):
+        if end - int(counts.max()) < max(32, end // 4):
             self.cache.crop(end - mask.shape[1])
             self.mask = mask[:, :end]
             return
         new_len = int(counts.max())
-        # Valid columns first, in order; padding points at column 0 (always a real token).
+        # Valid columns first, in order; padding points at column 0 (masked anyway).
         order = torch.argsort(1 - mask, dim=1, stable=True)[:, :new_len]
         arange = torch.arange(new_len)[None, :]
         cols = torch.where(arange < counts[:, None], order, torch.zeros_like(order))
         self.mask = (arange < counts[:, None]).long()
-        _gather_cache(self.cache, torch.tensor(rows, dtype=torch.long), cols)
+        _gather_cache(self.cache, cols)
+
+
+def _with_zero_columns(tensor, columns: int):
+    """``tensor`` with ``columns`` zero columns appended on its sequence axis (the last
+    for a mask [rows, columns], the third for keys/values [rows, heads, columns, dim])."""
+    import torch
+
+    axis = 1 if tensor.dim() == 2 else 2
+    shape = list(tensor.shape)
+    shape[axis] = columns
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=axis)
 
 
 # Causal LMs whose forward is ``logits = lm_head(model(...).last_hidden_state)``, nothing more
@@ -616,8 +659,8 @@ def forward_module(model):
     return head[0] if head is not None else unwrap_peft(model)
 
 
-def _gather_cache(cache, rows, cols) -> None:
-    """Select batch ``rows`` and, per row, sequence columns ``cols`` [rows, T'] in place."""
+def _gather_cache(cache, cols) -> None:
+    """Select per batch row the sequence columns ``cols`` [rows, T'] in place."""
     for layer in cache.layers:
         keys = getattr(layer, "keys", None)
         if keys is None or not hasattr(keys, "gather") or keys.dim() != 4 or getattr(layer, "is_sliding", False):
@@ -625,9 +668,8 @@ def _gather_cache(cache, rows, cols) -> None:
                 f"Constrained decoding needs a full-attention dynamic KV cache, got {type(layer).__name__}."
             )
         index = cols.to(keys.device)[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
-        row_index = rows.to(keys.device)
-        layer.keys = keys[row_index].gather(2, index)
-        layer.values = layer.values[row_index].gather(2, index)
+        layer.keys = keys.gather(2, index)
+        layer.values = layer.values.gather(2, index)
 
 
 def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
@@ -927,13 +969,14 @@ class _Stream:
         rows then join only an empty batch (fixed batches)."""
         joining: List[Any] = []
         seeds: List[Optional[_Prefix]] = []
-        open_to_join = self.speculative or not self.live
+        occupied = sum(x is not None for x in self.live)
+        open_to_join = self.speculative or not occupied
         while open_to_join:
-            while self.ready and len(self.live) + len(joining) < self.capacity:
+            while self.ready and occupied + len(joining) < self.capacity:
                 row, seed = self.ready.popleft()
                 joining.append(row)
                 seeds.append(seed)
-            slots = len(self.live) + len(joining)
+            slots = occupied + len(joining)
             waiting = len(self.ready) + sum(len(x.members) for x in self.live + joining if isinstance(x, _Group))
             if not self.queue or slots >= self.capacity or waiting >= self.capacity:
                 break
@@ -948,8 +991,17 @@ class _Stream:
                 seeds.append(self.prefix)
             else:
                 self.ready.extend((self.rows[r], self.prefix) for r in members)
-        self.batch.add_rows(seeds)
-        self.live += joining
+        # joining rows take the batch rows of rows that left, then new ones
+        free = [r for r, x in enumerate(self.live) if x is None]
+        for r, x, seed in zip(free, joining, seeds):
+            self.batch.seed(r, seed)
+            self.live[r] = x
+        self.batch.add_rows(seeds[len(free) :])
+        self.live += joining[len(free) :]
+        if len(free) > len(joining):
+            rows = [r for r, x in enumerate(self.live) if x is not None]
+            self.batch.select_rows(rows)
+            self.live = [self.live[r] for r in rows]
 
     def _step(self) -> None:
         """One pass: rows whose prompt is in the cache but for one token verify a draft;
@@ -977,7 +1029,7 @@ class _Stream:
         options = [o for plan in plans if plan for o in plan.options]
         chosen, logprobs = _verify(logits, options, index, self.table)
         self.stats.forward_passes += 1
-        at, keep_rows, kept_new, still = 0, [], [], []
+        at, kept_new = 0, []  # per batch row: columns of this pass it keeps, None: it left
         for r, (x, plan) in enumerate(zip(live, plans)):
             x.passes += 1
             if isinstance(x, _Group) or not x.out:  # the block starts with prompt tokens
@@ -991,22 +1043,22 @@ class _Stream:
                         row.pos, row.pending = x.pos, row.pending[x.pos - self.top :]
                         row.passes += x.passes
                         self.ready.append((row, shared_kv))
+                    kept_new.append(None)
                 else:
-                    keep_rows.append(r)
                     kept_new.append(fed)
-                    still.append(x)
                 continue
             n = len(plan.options)
             accepted = self._accept(x, plan, chosen[at : at + n], logprobs[at : at + n])
             at += n
-            if not x.done:
-                keep_rows.append(r)
-                kept_new.append(len(x.pending) + accepted)
-                x.pos += len(x.pending) + accepted
-                x.pending = [x.out[-1]]
-                still.append(x)
-        self.batch.keep(keep_rows, kept_new)
-        self.live = still
+            if x.done:
+                kept_new.append(None)
+                continue
+            kept_new.append(len(x.pending) + accepted)
+            x.pos += len(x.pending) + accepted
+            x.pending = [x.out[-1]]
+        self.batch.keep(kept_new)
+        left = [n is None for n in kept_new]
+        self.live = [] if all(left) else [None if gone else x for x, gone in zip(live, left)]
 
     def _draft(self, row: _Row, room: int) -> List[int]:
         if not self.speculative or room <= 0:
