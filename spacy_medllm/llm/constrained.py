@@ -125,6 +125,11 @@ class CopyAutomaton:
         return out
 
     def next_bytes(self, configs: Configs) -> List[int]:
+        if len(configs) == 1:  # the usual case: one reading
+            [(state, rem)] = configs
+            if rem:
+                return [rem[0]]
+            return sorted({unit[0] for unit, _ in self.units(state)})
         nxt = set()
         for state, rem in configs:
             if rem:
@@ -134,6 +139,10 @@ class CopyAutomaton:
         return sorted(nxt)
 
     def advance(self, configs: Configs, byte: int) -> Configs:
+        if len(configs) == 1:
+            [(state, rem)] = configs
+            if rem:
+                return frozenset({(state, rem[1:])}) if rem[0] == byte else DONE
         out = set()
         for state, rem in configs:
             if rem:
@@ -155,18 +164,16 @@ class CopyAutomaton:
     def can_end(self, configs: Configs) -> bool:
         return any(not rem and state[0] == self.n and not state[1] for state, rem in configs)
 
-    def draft_bytes(self, configs: Configs, max_chars: int) -> Tuple[bytes, bool]:
+    def draft_span(self, configs: Configs, max_chars: int) -> Optional[Tuple[bytes, int, int, int]]:
         """The rest of the answer assuming no further open bracket, at most ``max_chars``
-        source characters; the flag says whether it reaches the end (EOS may follow)."""
+        source characters: (pending bytes of the current unit, first and end source
+        character, closing brackets after the end: 0 unless it reaches the end)."""
         if not configs:
-            return b"", False
+            return None
         state, rem = min(configs, key=lambda cfg: (len(cfg[0][1]), cfg))
         i, opens = state[0], state[1]
         stop = min(self.n, i + max_chars)
-        data = rem + b"".join(self.chars[i:stop])
-        if stop < self.n:
-            return data, False
-        return data + self.close * len(opens), True
+        return rem, i, stop, len(opens) if stop == self.n else 0
 
 
 # --------------------------------------------------------------------------- vocabulary
@@ -259,6 +266,7 @@ class VocabIndex:
         self.tokenizer_ref = weakref.ref(tokenizer)
         self.size = len(tokenizer)
         self._starting_with: Dict[bytes, List[int]] = {}
+        self._children: Dict[Tuple[int, int, int, int], Tuple[int, int]] = {}
         self._brackets: Dict[Tuple[str, str], FrozenSet[int]] = {}
         self._bracket_tensors: Dict[Any, Any] = {}
 
@@ -311,7 +319,12 @@ class VocabIndex:
             prefix, lo, hi, cfg = stack.pop()
             for byte in automaton.next_bytes(cfg):
                 longer = prefix + bytes([byte])
-                lo2, hi2 = self.narrow(longer, lo, hi)
+                # the vocabulary trie's child node, memoized: rows revisit the same nodes
+                key = (lo, hi, len(prefix), byte)
+                found = self._children.get(key)
+                if found is None:
+                    found = self._children[key] = self.narrow(longer, lo, hi)
+                lo2, hi2 = found
                 if lo2 == hi2:
                     continue
                 cfg2 = automaton.advance(cfg, byte)
@@ -891,35 +904,95 @@ def _bias_open_brackets(logits, options: Sequence[_Options], index: VocabIndex) 
             logits[n, index.ids_starting_with(o.brackets[0].encode("utf8"))] += o.open_bias
 
 
-def _draft_tokens(
-    index: VocabIndex, tokenizer, row: _Row, max_draft: int, eos_id: int, cache: Dict[bytes, List[int]]
-) -> List[int]:
-    """Tokens of the rest of the answer without further open brackets (the draft).
+def _encode(tokenizer, text: str) -> List[int]:
+    """``tokenizer.encode(text)`` without special tokens; a fast tokenizer's backend is
+    called directly (a tenth of the wrapper's time, and drafts ask often)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.encode(text, add_special_tokens=False).ids
+    return tokenizer.encode(text, add_special_tokens=False)
 
-    Bytes up to the first character boundary (the rest of a split character) are matched
-    by the longest vocabulary piece; the text after is tokenized by the tokenizer itself,
-    as a fine-tuned model was trained to emit it. A tokenization that does not reproduce
-    the bytes (e.g. an added leading space) falls back to longest match. ``cache`` keeps
-    the tokenizations: the rows of one text mostly ask for the same ones.
-    """
-    data, reaches_end = row.automaton.draft_bytes(row.configs, 2 * max_draft)
-    draft = cache.get(data)
-    if draft is None:
+
+def _draft_tokens(index: VocabIndex, tokenizer, row: _Row, max_draft: int, eos_id: int, cache: Dict) -> List[int]:
+    """Tokens of the rest of the answer without further open brackets (the draft): the
+    pending bytes of the current unit, the source from the current character, the
+    closing brackets and EOS when it reaches the end. The source is tokenized once per
+    text by the tokenizer itself, as a fine-tuned model was trained to emit it, and a
+    draft starting on one of its token boundaries takes its tokens from there (else the
+    rest is tokenized on its own). ``cache`` keeps the tokenizations for the call."""
+    span = row.automaton.draft_span(row.configs, 2 * max_draft)
+    if span is None:
+        return []
+    rem, i, stop, closes = span
+    automaton = row.automaton
+    draft = _text_tokens(index, tokenizer, rem, cache) if rem else []
+    whole = cache.get(automaton.constraint.source)
+    if whole is None:
+        whole = cache[automaton.constraint.source] = _SourceTokens.of(index, tokenizer, automaton, cache)
+    body = whole.between(i, stop)
+    if body is None:
+        body = _text_tokens(index, tokenizer, b"".join(automaton.chars[i:stop]), cache)
+    draft = draft + body
+    if stop == automaton.n and (closes == 0 or len(draft) < max_draft):
+        draft += _text_tokens(index, tokenizer, automaton.close * closes, cache)
+        if len(draft) < max_draft:
+            draft.append(eos_id)
+    return draft[: max(0, min(max_draft, row.max_new - len(row.out) - 1))]
+
+
+def _text_tokens(index: VocabIndex, tokenizer, data: bytes, cache: Dict) -> List[int]:
+    """Tokens spelling ``data`` (cached): a leading rest of a split character by the
+    longest vocabulary piece, the text after by the tokenizer; a tokenization that does
+    not reproduce the bytes (e.g. an added leading space) falls back to longest match."""
+    found = cache.get(data)
+    if found is None:
         cut = 0
         while cut < len(data) and (data[cut] & 0xC0) == 0x80:
             cut += 1
-        draft = index.longest_match(data[:cut]) if cut else []
-        tail_bytes = data[cut:]
-        if tail_bytes:
-            tail = tokenizer.encode(tail_bytes.decode("utf-8", errors="replace"), add_special_tokens=False)
-            if b"".join(index.bytes_of.get(t, b"\0") for t in tail) != tail_bytes:
-                tail = index.longest_match(tail_bytes)
-            draft += tail
-        cache[data] = draft
-    draft = list(draft)
-    if reaches_end and len(draft) < max_draft:
-        draft.append(eos_id)
-    return draft[: max(0, min(max_draft, row.max_new - len(row.out) - 1))]
+        found = index.longest_match(data[:cut]) if cut else []
+        if data[cut:]:
+            tail = _encode(tokenizer, data[cut:].decode("utf-8", errors="replace"))
+            if b"".join(index.bytes_of.get(t, b"\0") for t in tail) != data[cut:]:
+                tail = index.longest_match(data[cut:])
+            found = found + tail
+        cache[data] = found
+    return found
+
+
+@dataclass
+class _SourceTokens:
+    """A source text's tokens and the source character each starts at (-1: inside one)."""
+
+    ids: List[int]
+    starts: Dict[int, int]  # source character -> index of the token starting there
+    ends: List[int]  # per token, the source character after it
+
+    @classmethod
+    def of(cls, index: VocabIndex, tokenizer, automaton: CopyAutomaton, cache: Dict) -> "_SourceTokens":
+        ids = _text_tokens(index, tokenizer, b"".join(automaton.chars), cache)
+        char_at = {0: 0}  # byte offset of each character boundary -> character
+        offset = 0
+        for c, ch in enumerate(automaton.chars):
+            offset += len(ch)
+            char_at[offset] = c + 1
+        starts, ends, offset = {}, [], 0
+        for k, tid in enumerate(ids):
+            if offset in char_at:
+                starts.setdefault(char_at[offset], k)
+            offset += len(index.bytes_of.get(tid, b""))
+            ends.append(char_at.get(offset, -1))
+        return cls(ids, starts, ends)
+
+    def between(self, i: int, stop: int) -> Optional[List[int]]:
+        """The tokens from character ``i`` up to at most ``stop`` (None: no token starts
+        at ``i``); a token that ends inside a character or past ``stop`` ends them."""
+        k = self.starts.get(i)
+        if k is None:
+            return None
+        end = k
+        while end < len(self.ids) and 0 <= self.ends[end] <= stop:
+            end += 1
+        return self.ids[k:end]
 
 
 @dataclass
