@@ -317,6 +317,52 @@ def test_rows_join_as_others_finish(char_tok):
     assert t_stats.forward_passes < 0.6 * one_by_one
 
 
+def test_feed_forward_skips_padding_with_the_same_values(char_tok):
+    """``_packed``: the MLPs run on the real positions of a right-padded block only; the
+    hidden states at those positions equal the unpacked pass (float64: exactly up to
+    rounding), and the hooks are gone afterwards."""
+    from spacy_medllm.llm.constrained import _layer_mlps, _packed
+
+    model = _model(char_tok, "llama", 4)
+    decoder = model.get_decoder()
+    lengths = [7, 3, 5]
+    ids = torch.randint(5, len(char_tok), (3, 7))
+    valid = torch.arange(7)[None, :] < torch.tensor(lengths)[:, None]
+    mask = valid.long()
+    with torch.inference_mode():
+        plain = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        mlps = _layer_mlps(decoder)
+        assert len(mlps) == len(decoder.layers)
+        with _packed(mlps, valid.flatten().nonzero().flatten()):
+            packed = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        again = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.allclose(packed[valid], plain[valid], atol=1e-12)
+    assert torch.equal(again, plain)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in mlps)
+
+
+def test_drafts_start_on_the_source_tokenization(bpe_tok):
+    """A draft starting where a token of the source's own tokenization starts reuses its
+    tokens; elsewhere the rest is tokenized on its own. Either way the draft spells the
+    answer's next bytes."""
+    from spacy_medllm.llm.constrained import _draft_tokens, _Row, _SourceTokens
+
+    index, text = vocab_index(bpe_tok), _sentences(1)[0]
+    automaton = CopyAutomaton(CopyConstraint(source=text))
+    whole = _SourceTokens.of(index, bpe_tok, automaton, {})
+    assert whole.ids == bpe_tok.encode(text, add_special_tokens=False)
+    assert whole.between(0, len(text)) == whole.ids
+    inner = sorted(whole.starts)[2]
+    assert whole.between(inner, len(text)) == whole.ids[whole.starts[inner]:]
+    cache, eos = {}, bpe_tok.eos_token_id
+    for start in range(len(text)):
+        configs = automaton.advance_bytes(automaton.initial, text[:start].encode("utf8"))
+        row = _Row(automaton=automaton, configs=configs, pending=[], max_new=1000, draft_len=8)
+        draft = _draft_tokens(index, bpe_tok, row, 64, eos, cache)
+        assert draft[-1] == eos
+        assert b"".join(index.bytes_of[t] for t in draft[:-1]) == text[start:].encode("utf8")
+
+
 def test_shared_prefix_when_groups_share_only_the_common_prefix(char_tok):
     """Texts after the type: each group's shared part is the common prefix itself."""
     model = _model(char_tok, "qwen2", 6)
