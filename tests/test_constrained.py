@@ -297,17 +297,24 @@ def test_output_does_not_depend_on_the_batch_size(char_tok, share_prefix):
     assert all([r.token_ids for r in run] == [r.token_ids for r in runs[0]] for run in runs[1:])
 
 
-def test_rows_join_as_others_finish(char_tok):
+def test_rows_join_as_others_finish(char_tok, monkeypatch):
     """Continuous batching. As with a trained model, one type per sentence has a long
     answer and the others stop early (``max_new_tokens`` 4 here); a batch of 5 rows holds
     one sentence's 3 rows, and the next sentence joins as soon as 2 rows are left. The
     long rows then run side by side: about half the passes of decoding the sentences one
-    batch after the other, with the same tokens."""
+    batch after the other, with the same tokens. Joining rows take the cache rows of rows
+    that left (their prefix written in place)."""
     model = _model(char_tok, "qwen2", 7)
     sentences = _sentences(3)
     prompts, constraints = _rows(char_tok, sentences)
     budget = [1000, 4, 4] * len(sentences)
+    from spacy_medllm.llm.constrained import _Batch
+
+    seeded = []
+    seed = _Batch.seed
+    monkeypatch.setattr(_Batch, "seed", lambda self, row, prefix: seeded.append(row) or seed(self, row, prefix))
     together, t_stats = _decode(model, char_tok, prompts, constraints, batch_size=5, max_new_tokens=budget)
+    assert seeded  # joining rows took the cache rows of rows that had left
     one_by_one = 1  # the prefix common to all rows: its own pass in `together`
     for k in range(len(sentences)):
         part = slice(3 * k, 3 * k + 3)
