@@ -314,18 +314,19 @@ class VocabIndex:
 
     def allowed(self, automaton: CopyAutomaton, configs: Configs) -> Dict[int, Configs]:
         """Token id -> configuration after it, for every token legal in ``configs``."""
-        result: Dict[int, Configs] = {}
+        if len(configs) == 1:
+            [(state, rem)] = configs
+            if not rem:
+                result: Dict[int, Configs] = {}
+                if self._walk_units(automaton, state, b"", 0, len(self.keys), result):
+                    return result
+        result = {}
         stack = [(b"", 0, len(self.keys), configs)]
         while stack:
             prefix, lo, hi, cfg = stack.pop()
             for byte in automaton.next_bytes(cfg):
                 longer = prefix + bytes([byte])
-                # the vocabulary trie's child node, memoized: rows revisit the same nodes
-                key = (lo, hi, len(prefix), byte)
-                found = self._children.get(key)
-                if found is None:
-                    found = self._children[key] = self.narrow(longer, lo, hi)
-                lo2, hi2 = found
+                lo2, hi2 = self._child(prefix, lo, hi, byte)
                 if lo2 == hi2:
                     continue
                 cfg2 = automaton.advance(cfg, byte)
@@ -334,6 +335,40 @@ class VocabIndex:
                         result[tid] = cfg2
                 stack.append((longer, lo2, hi2, cfg2))
         return result
+
+    def _child(self, prefix: bytes, lo: int, hi: int, byte: int) -> Tuple[int, int]:
+        """The range of keys starting with ``prefix + byte`` within [lo, hi) (the keys
+        starting with ``prefix``), memoized: the decoder revisits the same trie nodes."""
+        key = (lo, hi, len(prefix), byte)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = self.narrow(prefix + bytes([byte]), lo, hi)
+        return found
+
+    def _walk_units(self, automaton: CopyAutomaton, state, prefix: bytes, lo: int, hi: int, result) -> bool:
+        """:meth:`allowed` for one reading on a unit boundary, a whole unit (character or
+        bracket) at a time: the byte-by-byte walk builds a configuration set per byte, this
+        one per token. Returns False (result unusable) when two units share a first byte
+        (a source character that is a bracket): then the readings must be walked together."""
+        units = automaton.units(state)
+        if len({unit[0] for unit, _ in units}) < len(units):
+            return False
+        for unit, nxt in units:
+            node, (ulo, uhi) = prefix, (lo, hi)
+            for j, byte in enumerate(unit):
+                ulo, uhi = self._child(node, ulo, uhi, byte)
+                node += unit[j : j + 1]
+                if ulo == uhi:
+                    break
+                if self.keys[ulo] == node:  # a token ends here, inside or at the end of the unit
+                    after = frozenset({(nxt, unit[j + 1 :])})
+                    for tid in self.ids[ulo]:
+                        result[tid] = after
+            else:  # the whole unit matched: longer tokens go on with the next units
+                if uhi - ulo > 1 or self.keys[ulo] != node:
+                    if not self._walk_units(automaton, nxt, node, ulo, uhi, result):
+                        return False
+        return True
 
     def longest_match(self, data: bytes) -> List[int]:
         """Tokenize ``data`` greedily by the longest vocabulary piece (the draft fallback)."""
