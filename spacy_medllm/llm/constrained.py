@@ -532,8 +532,8 @@ class _Batch:
 
     def add_rows(self, seeds: Sequence[Optional["_Prefix"]]) -> None:
         """Append one row per seed, holding that cached prefix (the prompt part common to
-        every row, or a text's shared part) or nothing: rows join a running batch as
-        others finish."""
+        every row, or a text's shared part) or nothing: rows join a running batch when no
+        row has left to make room (:meth:`seed` reuses one)."""
         if not seeds:
             return
         before = self.mask.shape[0]
@@ -817,9 +817,10 @@ def _options(index: VocabIndex, automaton: CopyAutomaton, configs: Configs, eos_
 
 
 class _OptionTable:
-    """The options a decoding call has met, as rows of padded tensors (ids, validity,
+    """The options a decoding call has met, as rows of padded tensors (ids, their number,
     bracket flags, text_mass flag, bracket pair), so that a pass gathers its positions'
-    legal tokens with one index instead of building tensors from lists."""
+    legal tokens with one index instead of building tensors from lists (a third of the
+    verification's time went to that)."""
 
     def __init__(self):
         import torch
