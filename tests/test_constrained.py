@@ -253,6 +253,23 @@ def test_models_without_a_plain_head_decode_through_their_own_forward(char_tok, 
     assert calls[0] == whole_stats.forward_passes == split_stats.forward_passes
 
 
+def test_sliding_window_caches_are_refused_before_any_pass(char_tok):
+    """Rows are moved and cut in place in the KV cache, which a sliding-window layer
+    crops on its own: such a model (e.g. a Mistral config with ``sliding_window``) gets a
+    clear error before the first pass, not wrong answers."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from spacy_medllm.llm import constrained
+
+    config = MistralConfig(vocab_size=len(char_tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=1, intermediate_size=64, sliding_window=4096)
+    model = MistralForCausalLM(config).eval()
+    prompts, constraints = _rows(char_tok, _sentences(1))
+    with constrained.count_forward_passes(model) as calls, pytest.raises(NotImplementedError, match="Sliding"):
+        _decode(model, char_tok, prompts, constraints)
+    assert calls[0] == 0
+
+
 def test_speculative_and_shared_prefix_with_bpe(bpe_tok):
     model = _model(bpe_tok, "qwen2", 3)
     prompts, constraints = _rows(bpe_tok, _sentences(2))

@@ -472,15 +472,23 @@ class _Batch:
         self.head = _plain_head(model)
         self.mlps = _layer_mlps(self.head[0]) if self.head is not None else []
         self.takes_logits_to_keep = "logits_to_keep" in inspect.signature(unwrap_peft(model).forward).parameters
-        self._reset(rows=0)
+        self._reset()
         self.last_width = 0
 
-    def _reset(self, rows: int) -> None:
+    def _reset(self) -> None:
+        """An empty batch: no rows, a new cache (refused here, before any pass, when its
+        layers are not full-attention dynamic ones: rows are moved and cut in place)."""
         import torch
         from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
 
         self.cache = DynamicCache(config=self.model.config)
-        self.mask = torch.zeros((rows, 0), dtype=torch.long)
+        for layer in self.cache.layers:
+            if not isinstance(layer, DynamicLayer) or getattr(layer, "is_sliding", False):
+                raise NotImplementedError(
+                    f"Constrained decoding needs a full-attention dynamic KV cache, got {type(layer).__name__}."
+                )
+        self.mask = torch.zeros((0, 0), dtype=torch.long)
 
     def forward(
         self,
@@ -606,7 +614,7 @@ class _Batch:
         import torch
 
         if not rows:
-            self._reset(rows=0)
+            self._reset()
             return
         index = torch.tensor(list(rows), dtype=torch.long)
         self.mask = self.mask[index]
@@ -623,7 +631,7 @@ class _Batch:
         import torch
 
         if all(n is None for n in kept_new):
-            self._reset(rows=0)
+            self._reset()
             return
         mask = self.mask
         for r, n in enumerate(kept_new):
@@ -713,13 +721,10 @@ def forward_module(model):
 
 
 def _gather_cache(cache, cols) -> None:
-    """Select per batch row the sequence columns ``cols`` [rows, T'] in place."""
+    """Select per batch row the sequence columns ``cols`` [rows, T'] in place (the
+    layers are full-attention dynamic ones: :meth:`_Batch._reset` checks)."""
     for layer in cache.layers:
-        keys = getattr(layer, "keys", None)
-        if keys is None or not hasattr(keys, "gather") or keys.dim() != 4 or getattr(layer, "is_sliding", False):
-            raise NotImplementedError(
-                f"Constrained decoding needs a full-attention dynamic KV cache, got {type(layer).__name__}."
-            )
+        keys = layer.keys
         index = cols.to(keys.device)[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
         layer.keys = keys.gather(2, index)
         layer.values = layer.values.gather(2, index)
