@@ -885,18 +885,16 @@ class _Plan:
 
 def _plan(index: VocabIndex, row: _Row, draft: List[int], start: int, eos_ids) -> _Plan:
     """Walk the row's automaton along its draft (cut where a draft token is not legal)."""
-    automaton, cached = row.automaton, row.automaton.options_cache
     configs, options = row.configs, []
     for k, token in enumerate(draft):
-        found = cached.get(configs) or _options(index, automaton, configs, eos_ids)
-        options.append(found)
-        nxt = found.after.get(token)
+        options.append(_options(index, row.automaton, configs, eos_ids))
+        nxt = options[-1].after.get(token)
         if nxt is None:
             return _Plan(start, draft[:k], options)
-        if not nxt:  # EOS: nothing follows
+        if token in eos_ids:
             return _Plan(start, draft[: k + 1], options)
         configs = nxt
-    options.append(cached.get(configs) or _options(index, automaton, configs, eos_ids))
+    options.append(_options(index, row.automaton, configs, eos_ids))
     return _Plan(start, draft, options)
 
 
