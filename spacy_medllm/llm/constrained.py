@@ -783,13 +783,14 @@ def _common_prefix(model, pad_id, prompts, groups, stats: "DecodeStats") -> Opti
     return _Prefix(top, [(layer.keys, layer.values) for layer in batch.cache.layers])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Options:
     """The legal tokens of one configuration set: ``after`` maps each to the configuration
     set it leads to; ``ids`` are all of them ascending (ties of the argmax go to the lowest
     id) and ``is_bracket`` says which start with a bracket (the others are text or EOS).
     ``weigh``: the choice is the constraint's ``text_mass`` decision (brackets and text both
-    legal); ``brackets``/``open_bias``: the constraint's."""
+    legal); ``brackets``/``open_bias``: the constraint's. One object per configuration set
+    (cached), hashed by identity."""
 
     after: Dict[int, Configs]
     ids: List[int]
@@ -830,8 +831,7 @@ class _OptionTable:
     def __init__(self):
         import torch
 
-        self.row_of: Dict[int, int] = {}  # id(_Options) -> table row
-        self.kept: List[_Options] = []  # keeps the ids above valid
+        self.row_of: Dict[_Options, int] = {}
         self.pairs: List[Tuple[str, str]] = []
         self.ids = torch.zeros((0, 1), dtype=torch.long)
         self.is_bracket = torch.zeros((0, 1), dtype=torch.bool)
@@ -843,11 +843,11 @@ class _OptionTable:
         """The table rows of ``options`` (added when new), as an index tensor."""
         import torch
 
-        found = [self.row_of.get(id(o), -1) for o in options]
-        new = list({id(o): o for o, r in zip(options, found) if r < 0}.values())
+        found = [self.row_of.get(o, -1) for o in options]
+        new = list(dict.fromkeys(o for o, r in zip(options, found) if r < 0))
         if new:
             self._add(new)
-            found = [self.row_of[id(o)] for o in options]
+            found = [self.row_of[o] for o in options]
         return torch.tensor(found, dtype=torch.long)
 
     def _add(self, new: List[_Options]) -> None:
@@ -861,15 +861,14 @@ class _OptionTable:
         old = self.ids.shape[1]
         if width > old:  # pad the rows so far: repeat their first id, not a bracket
             self.ids = torch.cat([self.ids, self.ids[:, :1].expand(-1, width - old)], dim=1)
-            self.is_bracket = torch.cat([self.is_bracket, self.is_bracket.new_zeros((len(self.kept), width - old))], 1)
+            self.is_bracket = torch.cat([self.is_bracket, self.is_bracket.new_zeros((len(self.row_of), width - old))], 1)
         self.ids = torch.cat([self.ids, ids])
         self.is_bracket = torch.cat([self.is_bracket, flags])
         self.lengths = torch.cat([self.lengths, torch.tensor([len(o.ids) for o in new], dtype=torch.long)])
         self.weigh = torch.cat([self.weigh, torch.tensor([o.weigh for o in new], dtype=torch.bool)])
         self.pair = torch.cat([self.pair, torch.tensor([self.pairs.index(o.brackets) for o in new])])
         for o in new:
-            self.row_of[id(o)] = len(self.kept)
-            self.kept.append(o)
+            self.row_of[o] = len(self.row_of)
 
 
 @dataclass
@@ -917,10 +916,10 @@ def _verify(logits, options: Sequence[_Options], index: VocabIndex, table: _Opti
     device = flat.device
     _bias_open_brackets(flat, options, index)
     rows = table.rows(options)
-    ids, is_bracket = table.ids[rows].to(device), table.is_bracket[rows].to(device)
-    k_max = int(table.lengths[rows].max())
-    ids, is_bracket = ids[:, :k_max], is_bracket[:, :k_max]
-    valid = (torch.arange(k_max)[None, :] < table.lengths[rows][:, None]).to(device)
+    lengths = table.lengths[rows]
+    k_max = int(lengths.max())
+    ids, is_bracket = table.ids[rows, :k_max].to(device), table.is_bracket[rows, :k_max].to(device)
+    valid = (torch.arange(k_max)[None, :] < lengths[:, None]).to(device)
     logp = torch.log_softmax(flat, dim=-1)  # one fused pass; the argmax stays on the logits
     values, value_logp = flat.gather(1, ids), logp.gather(1, ids)
     weigh = table.weigh[rows].to(device)
