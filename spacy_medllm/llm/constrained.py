@@ -542,39 +542,28 @@ class _Batch:
         """Append one row per seed, holding that cached prefix (the prompt part common to
         every row, or a text's shared part) or nothing: rows join a running batch when no
         row has left to make room (:meth:`seed` reuses one)."""
+        import torch
+
         if not seeds:
             return
-        before = self.mask.shape[0]
-        width = max([self.mask.shape[1]] + [seed.length for seed in seeds if seed is not None])
-        mask = self.mask.new_zeros((before + len(seeds), width))
-        mask[:before, : self.mask.shape[1]] = self.mask
-        for k, seed in enumerate(seeds):
-            if seed is not None:
-                mask[before + k, : seed.length] = 1
-        self.mask = mask
+        before, width, layers = self.mask.shape[0], self.mask.shape[1], self.cache.layers
+        self.mask = torch.cat([self.mask, self.mask.new_zeros((len(seeds), width))])
         reference = next((seed.kv for seed in seeds if seed is not None), None)
-        layers = self.cache.layers
-        initialized = bool(layers) and getattr(layers[0], "keys", None) is not None
-        if not initialized and reference is None:
-            return  # nothing cached yet: the next pass creates the cache for every row
-        for i in range(len(reference) if not initialized else len(layers)):
-            grown = []
-            for part in (0, 1):
-                if initialized:
-                    old = (layers[i].keys, layers[i].values)[part]
-                else:
-                    ref = reference[i][part]
-                    old = ref.new_zeros((before, ref.shape[1], 0, ref.shape[3]))
-                new = old.new_zeros((before + len(seeds), old.shape[1], width, old.shape[3]))
-                new[:before, :, : old.shape[2]] = old
-                for k, seed in enumerate(seeds):
-                    if seed is not None:
-                        new[before + k, :, : seed.length] = seed.kv[i][part][0]
-                grown.append(new)
-            if initialized:
-                layers[i].keys, layers[i].values = grown
-            else:
-                self.cache.update(grown[0], grown[1], i)
+        if not layers or layers[0].keys is None:  # nothing cached yet
+            if reference is None:
+                return  # the next pass creates the cache for every row
+            for i, (keys, values) in enumerate(reference):
+                shape = (before, keys.shape[1], width, keys.shape[3])
+                self.cache.update(keys.new_zeros(shape), values.new_zeros(shape), i)
+        for layer in layers:
+            rows = (len(seeds),) + tuple(layer.keys.shape[1:])
+            layer.keys = torch.cat([layer.keys, layer.keys.new_zeros(rows)])
+            layer.values = torch.cat([layer.values, layer.values.new_zeros(rows)])
+        longest = max([seed.length for seed in seeds if seed is not None], default=0)
+        if longest > width:
+            self._widen(longest)
+        for k, seed in enumerate(seeds):
+            self.seed(before + k, seed)
 
     def extract(self, row: int) -> "_Prefix":
         """The keys/values of batch row ``row``'s valid columns, in order: a text's shared
