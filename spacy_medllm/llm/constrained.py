@@ -126,11 +126,6 @@ class CopyAutomaton:
         return out
 
     def next_bytes(self, configs: Configs) -> List[int]:
-        if len(configs) == 1:  # the usual case: one reading
-            [(state, rem)] = configs
-            if rem:
-                return [rem[0]]
-            return sorted({unit[0] for unit, _ in self.units(state)})
         nxt = set()
         for state, rem in configs:
             if rem:
@@ -140,10 +135,6 @@ class CopyAutomaton:
         return sorted(nxt)
 
     def advance(self, configs: Configs, byte: int) -> Configs:
-        if len(configs) == 1:
-            [(state, rem)] = configs
-            if rem:
-                return frozenset({(state, rem[1:])}) if rem[0] == byte else DONE
         out = set()
         for state, rem in configs:
             if rem:
