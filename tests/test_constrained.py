@@ -321,12 +321,12 @@ def test_rows_join_as_others_finish(char_tok, monkeypatch):
     long rows then run side by side: about half the passes of decoding the sentences one
     batch after the other, with the same tokens. Joining rows take the cache rows of rows
     that left (their prefix written in place)."""
+    from spacy_medllm.llm.constrained import _Batch
+
     model = _model(char_tok, "qwen2", 7)
     sentences = _sentences(3)
     prompts, constraints = _rows(char_tok, sentences)
     budget = [1000, 4, 4] * len(sentences)
-    from spacy_medllm.llm.constrained import _Batch
-
     seeded = []
     seed = _Batch.seed
     monkeypatch.setattr(_Batch, "seed", lambda self, row, prefix: seeded.append(row) or seed(self, row, prefix))

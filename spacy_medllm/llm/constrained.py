@@ -48,7 +48,7 @@ from collections import deque
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Deque, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..types import CopyConstraint
 from .loader import unwrap_peft
@@ -1049,9 +1049,10 @@ class _Stream:
         self.top = prefix.length if prefix is not None else 0
         self.queue = deque(units)  # (row indices, shared prompt length) per text
         self.ready: Deque[Tuple[_Row, Optional[_Prefix]]] = deque()  # rows whose prompt prefix is cached
-        self.live: List[Any] = []  # _Row or _Group, in cache-row order
+        self.live: List[Any] = []  # _Row or _Group per cache row (None: its row left)
         self.batch = _Batch(model, pad_id)
-        self.draft_cache: Dict[bytes, List[int]] = {}
+        # text bytes -> the tokens spelling them; a source text -> its _SourceTokens
+        self.draft_cache: Dict[Union[bytes, str], Any] = {}
         self.table = _OptionTable()
 
     def run(self) -> None:
