@@ -100,7 +100,8 @@ class Recognizer:
                             open_bias=self.open_bias,
                         )
                     request = GenerationRequest(
-                        prompt=format_prompt(prompt), max_new_tokens=self.max_new_tokens, constraint=constraint
+                        prompt=format_prompt(prompt), max_new_tokens=self.max_new_tokens, constraint=constraint,
+                        literals=(prompt.input,),
                     )
                     jobs.append(PromptJob(i, start, shard, prompt, request))
         return jobs

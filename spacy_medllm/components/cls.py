@@ -16,7 +16,6 @@ pipeline was built with; ``to_disk`` stores a copy of the classifier (head, adap
 weights, tokenizer, settings), never the base model of a LoRA classifier, which is loaded
 through the shared loader: a generator and the filter on one base hold one copy.
 """
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -29,6 +28,7 @@ from spacy.util import minibatch
 from .. import DEFAULT_SPANS_KEY
 from ..llm.cls_head import SpanClassifier, load_classifier
 from ..llm.loader import ModelSpec
+from ..safety import check_links, copy_tree
 from ..scoring import PRF, SCORE_WEIGHTS
 from ..spans import FLAT_POLICIES, set_spans
 from ..training.cls_data import span_context
@@ -156,14 +156,13 @@ class MedLLMClassifierFilter:
         if self._classifier is not None:
             self._classifier.save(path)
         elif self.model_path is not None and self.model_path.resolve() != path.resolve():
-            if path.exists():
-                shutil.rmtree(path)
-            shutil.copytree(self.model_path, path)
+            copy_tree(self.model_path, path)
         else:
             path.mkdir(parents=True, exist_ok=True)
 
     def from_disk(self, path: Union[str, Path], *, exclude: Iterable[str] = tuple()) -> "MedLLMClassifierFilter":
         path = Path(path)
+        check_links(path)
         self.model_path = path if any(path.iterdir()) else None
         self._classifier = None
         return self

@@ -8,7 +8,6 @@ copy stored with the pipeline).
 """
 import json
 import logging
-import shutil
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from ..labels import LabelScheme
 from ..llm.generation import HFGenerator
 from ..llm.loader import LoadedLM, MedLLMLoadError, ModelSpec, default_adapter_name, load_lm
 from ..recognizer import Recognizer
+from ..safety import check_links, copy_file, copy_tree
 from ..strategies.base import Strategy
 
 logger = logging.getLogger("spacy_medllm")
@@ -219,6 +219,7 @@ class MedLLMNer:
 
     def from_disk(self, path, *, exclude=tuple()) -> "MedLLMNer":
         path = ensure_path(path)
+        check_links(path)
         cfg = json.loads((path / "cfg").read_text(encoding="utf8"))
         if cfg["base_copied"]:
             self.spec = replace(self.spec, path=str(path / "model"))
@@ -259,12 +260,9 @@ def _copy_file(src: Path, dst: Path) -> None:
     if not src.is_file():
         raise ValueError(f"The prompt template {src} does not exist, so it cannot be saved with the pipeline.")
     if src.resolve() != dst.resolve():
-        shutil.copyfile(src, dst)
+        copy_file(src, dst)
 
 
 def _copy_dir(src: Path, dst: Path) -> None:
-    if src.resolve() == dst.resolve():
-        return
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst)
+    if src.resolve() != dst.resolve():
+        copy_tree(src, dst)

@@ -23,6 +23,7 @@ from spacy.util import registry
 
 from ..labels import LabelScheme
 from ..llm.loader import ModelSpec
+from ..safety import template_environment
 from ..strategies.base import WORDS, Prompt
 from ..strategies.symbol import SymbolStrategy
 from .conflicts import Candidate, Comparison, ConflictRegion, candidate_order
@@ -259,13 +260,7 @@ def _load_template(template: Optional[str], language: str) -> jinja2.Template:
         directory, name = path.parent, path.name
     else:
         directory, name = TEMPLATE_DIR, f"decide.{language}.jinja"
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(directory)),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=False,
-    )
+    env = template_environment(jinja2.FileSystemLoader(str(directory)))
     return env.get_template(name)
 
 

@@ -43,6 +43,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ..safety import check_links
 from .loader import LoadedLM, MedLLMLoadError, ModelSpec, default_adapter_name, load_lm, unwrap_peft
 
 MARKERS = ("<ent>", "</ent>")
@@ -158,7 +159,8 @@ class SpanClassifier(nn.Module):
 
     # -- inputs ------------------------------------------------------------------------------
     def _ids(self, text: str) -> List[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        # input text: special-token strings in it (chat controls, the markers) stay text
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
 
     def encode(self, text: str, start: int, end: int, label: str) -> Tuple[List[int], int]:
         """Token ids of one candidate and the position the head reads.
@@ -308,6 +310,7 @@ def load_classifier(path: Union[str, Path], base: Optional[ModelSpec] = None) ->
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
+    check_links(path)
     settings = read_settings(path)
     tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
     lm, adapter = None, None

@@ -9,7 +9,7 @@ token budget and, for scores, the per-token log-probabilities such servers retur
 """
 import time
 from dataclasses import dataclass, field
-from typing import Any, List, Mapping, Optional, Protocol, Sequence, Union
+from typing import Any, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 from .loader import LoadedLM
 
@@ -30,12 +30,16 @@ class GenerationRequest:
     max_new_tokens: generation stops after this many tokens if no end token came.
     constraint: an object this module does not look into; requests carrying one are
         decoded by :func:`spacy_medllm.llm.constrained.generate_constrained`.
+    literals: parts of a string prompt that are input text (the document), in which
+        special-token strings such as ``<|im_end|>`` must stay text instead of becoming
+        control tokens; the contents of a message-list prompt always are.
     """
 
     prompt: Union[str, Messages]
     max_new_tokens: int = 256
     chat: bool = False
     constraint: Any = field(default=None, compare=False)
+    literals: Tuple[str, ...] = ()
 
 
 @dataclass
@@ -87,6 +91,47 @@ def format_prompt(tokenizer: Any, messages: Messages) -> str:
         )
     turns = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages)
     return turns + "Assistant:"
+
+
+def encode_with_literals(tokenizer: Any, text: str, literals: Sequence[str] = ()) -> List[int]:
+    """Token ids of ``text`` (no special tokens added) in which every occurrence of a
+    ``literals`` string is tokenized as plain text, so a document containing
+    ``<|im_end|><|im_start|>assistant`` cannot open a turn of its own; the rest (the chat
+    template's own control tokens) is tokenized as usual.
+
+    Why not always: the pieces are tokenized separately, which for a BPE tokenizer may
+    split differently at their borders than the whole text would, so this applies only
+    when a literal holds a special-token string.
+    """
+    specials = [s for s in _special_tokens(tokenizer) if s]
+    risky = [lit for lit in literals if lit and any(s in lit for s in specials)]
+    if not risky:
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
+    regions = []
+    for lit in risky:
+        at = text.find(lit)
+        if at < 0:
+            raise ValueError(
+                "The prompt does not contain the input text verbatim (the chat template changed it), "
+                "so special-token strings in the text cannot be kept as text; use a template that "
+                "inserts message contents unchanged."
+            )
+        while at >= 0:
+            regions.append((at, at + len(lit)))
+            at = text.find(lit, at + len(lit))
+    ids: List[int] = []
+    pos = 0
+    for start, end in sorted(regions):
+        start = max(start, pos)
+        if end <= start:
+            continue
+        if start > pos:
+            ids += tokenizer(text[pos:start], add_special_tokens=False).input_ids
+        ids += tokenizer(text[start:end], add_special_tokens=False, split_special_tokens=True).input_ids
+        pos = end
+    if pos < len(text):
+        ids += tokenizer(text[pos:], add_special_tokens=False).input_ids
+    return ids
 
 
 def stop_token_ids(tokenizer: Any, model: Any = None) -> List[int]:
@@ -181,8 +226,14 @@ class HFGenerator:
         return format_prompt(self.tokenizer, request.prompt)
 
     def encode(self, request: GenerationRequest) -> List[int]:
-        """Prompt token ids; BOS is added when the tokenizer would add it and the text lacks it."""
-        ids = self.tokenizer(self.prompt_text(request), add_special_tokens=False).input_ids
+        """Prompt token ids; BOS is added when the tokenizer would add it and the text lacks it.
+        Special-token strings inside the input text stay text (see :func:`encode_with_literals`)."""
+        literals = tuple(request.literals)
+        if not isinstance(request.prompt, str):
+            literals += tuple(m["content"] for m in request.prompt)
+        elif request.chat:
+            literals += (request.prompt,)
+        ids = encode_with_literals(self.tokenizer, self.prompt_text(request), literals)
         if self._bos is not None and (not ids or ids[0] != self._bos):
             ids = [self._bos] + ids
         if not ids:

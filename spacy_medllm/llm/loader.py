@@ -15,6 +15,14 @@ from typing import Any, Dict, Iterator, Optional, Union
 
 from spacy.util import registry
 
+from ..safety import (
+    ALLOW_PICKLE_ENV,
+    TRUST_REMOTE_CODE_ENV,
+    allowed_by_user,
+    check_links,
+    require_user_permission,
+)
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = (None, "4bit", "8bit")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -42,7 +50,10 @@ class ModelSpec:
     bnb_4bit_quant_type / bnb_4bit_compute_dtype: 4-bit settings ("auto" compute dtype is
         bfloat16 on CUDA, float32 elsewhere).
     trust_remote_code / use_safetensors: off / on by default; turning either the other way
-        runs code or unpickles weights from the checkpoint, so only do it for ones you trust.
+        runs code or unpickles weights from the checkpoint, so a spec that asks for it is
+        refused unless the user of the loading process allows it for that path
+        (``SPACY_MEDLLM_TRUST_REMOTE_CODE`` / ``SPACY_MEDLLM_ALLOW_PICKLE``, see
+        :mod:`spacy_medllm.safety`): a config or a saved pipeline cannot grant it to itself.
     attn_implementation: e.g. "sdpa", "eager", "flash_attention_2"; None lets transformers pick.
     """
 
@@ -153,7 +164,9 @@ class LoadedLM:
         base_name = adapter_config.get("base_model_name_or_path")
         tokenizer = None
         if any((adapter_dir / f).exists() for f in TOKENIZER_FILES):
-            tokenizer = _load_tokenizer(adapter_dir, self.spec.trust_remote_code)
+            # the base's permission does not extend to a tokenizer shipped in the adapter folder
+            trusted = self.spec.trust_remote_code and allowed_by_user(TRUST_REMOTE_CODE_ENV, adapter_dir)
+            tokenizer = _load_tokenizer(adapter_dir, trusted)
         n_tokens = len(tokenizer) if tokenizer is not None else 0
         mismatch = _adapter_mismatch(self._base_model(), adapter_dir, n_tokens)
         if mismatch:
@@ -320,6 +333,11 @@ def _check_model_dir(path: Path, spec: ModelSpec) -> Dict[str, Any]:
             f"{path} has no config.json, so it is not a Hugging Face model directory. Point `path` at "
             "the directory that holds config.json, the *.safetensors weights and the tokenizer files."
         )
+    check_links(path)
+    if spec.trust_remote_code:
+        require_user_permission(TRUST_REMOTE_CODE_ENV, path, "run the model's own Python code (trust_remote_code)")
+    if not spec.use_safetensors:
+        require_user_permission(ALLOW_PICKLE_ENV, path, "unpickle weights (use_safetensors = false)")
     config = json.loads(config_file.read_text(encoding="utf8"))
     if spec.use_safetensors and not any(path.glob("*.safetensors")):
         found = sorted(p.name for p in path.glob("*.bin")) or ["no weight files"]
@@ -334,8 +352,9 @@ def _check_model_dir(path: Path, spec: ModelSpec) -> Dict[str, Any]:
         if config.get("model_type") not in CONFIG_MAPPING:
             raise MedLLMLoadError(
                 f"{path} needs its own Python code (model_type {config.get('model_type')!r} is not "
-                "built into transformers). Use a transformers-native version of the checkpoint, or "
-                "set trust_remote_code = true if you trust its code."
+                "built into transformers). Use a transformers-native version of the checkpoint, or, "
+                "if you trust its code, set trust_remote_code = true and allow it for this folder with "
+                f"{TRUST_REMOTE_CODE_ENV}={path} in the environment."
             )
     return config
 
@@ -353,6 +372,9 @@ def _check_adapter_dir(path: Path, use_safetensors: bool) -> Dict[str, Any]:
             "adapter with PeftModel.save_pretrained(DIR), or, for a fully merged fine-tune, use the "
             "directory as the model path instead of as an adapter."
         )
+    check_links(path)
+    if not use_safetensors:
+        require_user_permission(ALLOW_PICKLE_ENV, path, "unpickle adapter weights (use_safetensors = false)")
     if use_safetensors and not (path / ADAPTER_WEIGHTS).exists():
         raise MedLLMLoadError(
             f"{path} has no {ADAPTER_WEIGHTS}. Save the adapter with safetensors (the peft default), "

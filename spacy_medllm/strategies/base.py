@@ -52,6 +52,7 @@ from spacy.tokens import Doc
 
 from .. import DEFAULT_SPANS_KEY
 from ..labels import LabelScheme
+from ..safety import template_environment
 from ..types import Mention, ParseResult
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -181,10 +182,7 @@ class BaseStrategy:
             else:
                 loader = jinja2.FileSystemLoader(str(TEMPLATE_DIR))
                 name = f"{self.name}.{language}.jinja"
-            env = jinja2.Environment(
-                loader=loader, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-                keep_trailing_newline=False, autoescape=False,
-            )
+            env = template_environment(loader)
             self._templates[language] = env.get_template(name)
         return self._templates[language]
 
