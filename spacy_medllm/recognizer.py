@@ -8,6 +8,7 @@ into the *original* text. Generation itself is not done here: :meth:`Recognizer.
 returns requests, any :class:`~spacy_medllm.llm.generation.Generator` (or spacy-llm's
 model call) answers them, and :meth:`Recognizer.read` parses the answers.
 """
+import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -18,7 +19,9 @@ from .llm.generation import GenerationRequest, GenerationResult
 from .readers.normalize import normalize_text
 from .sharding import shard_text
 from .strategies.base import Prompt, Strategy
-from .types import Mention
+from .types import Mention, ParseResult
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -120,7 +123,12 @@ class Recognizer:
         out = [Recognition() for _ in texts]
         for job, response in zip(jobs, responses):
             text, score = _response_text_and_score(response)
-            parsed = self.strategy.parse(job.shard, text, job.prompt)
+            try:
+                parsed = self.strategy.parse(job.shard, text, job.prompt)
+            except Exception:  # one response a parser cannot read must not lose the batch
+                logger.exception("%s parser failed on a response; the response is discarded", self.strategy.name)
+                parsed = ParseResult()
+                parsed.discard("parser_error")
             rec = out[job.text_index]
             rec.discarded.update(parsed.discarded)
             if isinstance(response, GenerationResult) and response.finish_reason == "length":

@@ -1,7 +1,7 @@
 """Small typed records shared by readers, strategies and components."""
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import List, Optional
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,28 @@ class Mention:
     @property
     def has_offsets(self) -> bool:
         return self.start is not None and self.end is not None
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The plain form stored on docs (``doc._.llm_mentions``), which msgpack, DocBin and
+        multiprocessing can serialise."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Mention":
+        return cls(**{k: data[k] for k in _MENTION_FIELDS if k in data})
+
+
+def stored_mentions(mentions: Sequence[Mention]) -> List[Dict[str, Any]]:
+    """``mentions`` in the plain form docs store."""
+    return [m.to_dict() for m in mentions]
+
+
+def read_mentions(stored: Sequence[Union[Mention, Mapping[str, Any]]]) -> List[Mention]:
+    """The typed view of mentions a doc stores (plain dicts; Mentions pass through)."""
+    return [m if isinstance(m, Mention) else Mention.from_dict(m) for m in stored]
+
+
+_MENTION_FIELDS = tuple(f.name for f in fields(Mention))
 
 
 @dataclass

@@ -68,6 +68,22 @@ def test_recognizer_reads_symbol_responses_into_original_offsets():
     assert got == [(2, 4, "sym", "咳嗽"), (8, 10, "dis", "肺炎")]
 
 
+def test_recognizer_counts_a_failing_parser_and_keeps_the_batch():
+    class Fragile(SymbolStrategy):
+        def parse(self, text, response, prompt):
+            if "boom" in response:
+                raise ValueError("a parser bug")
+            return super().parse(text, response, prompt)
+
+    rec = Recognizer(Fragile(), CMEEE, max_chars=None)
+    texts = ["患者咳嗽。", "诊断为肺炎。"]
+    jobs = rec.plan(texts, lambda p: p.user)
+    responses = ["boom" if j.text_index == 0 else f"疾病：诊断为[肺炎]。" for j in jobs]
+    first, second = rec.read(texts, jobs, responses)
+    assert first.discarded["parser_error"] == len(CMEEE) and not first.mentions
+    assert [(m.start, m.end, m.label) for m in second.mentions if m.label == "dis"] == [(3, 5, "dis")]
+
+
 def test_recognizer_shards_long_texts_and_shifts_offsets():
     rec = Recognizer(SymbolStrategy(), CMEEE, max_chars=12)
     text = "患者咳嗽三天。今日发热，诊断为肺炎。" * 3

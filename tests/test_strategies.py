@@ -423,3 +423,40 @@ def test_strategies_resolve_from_config(name, cls):
 
     resolved = registry.resolve(Config().from_str(f'[strategy]\n@misc = "{name}"\n'))["strategy"]
     assert type(resolved) is cls
+
+
+# -- parsers never raise ------------------------------------------------------------------------
+_PIECES = ["[", "]", "{", "}", '"', ":", ",", "<", ">", "</", "mark", "dis", "疾病", "entity", "start", "end",
+           "²", "--2", "-1", "1" * 5000, "9" * 30, "\n", "实体", "：", "无", "发热", "@@", "##", "<dis>", "</dis>"]
+_RESPONSES = st.lists(st.one_of(st.sampled_from(_PIECES), st.text(max_size=8)), max_size=40).map("".join)
+
+
+def _json_like(draw_value):
+    return st.lists(
+        st.fixed_dictionaries(
+            {"type": st.sampled_from(["dis", "疾病", "xx"]), "start_idx": draw_value, "end_idx": draw_value},
+            optional={"entity": st.one_of(st.text(max_size=6), st.integers(), st.none())},
+        ),
+        max_size=4,
+    ).map(lambda items: __import__("json").dumps(items, ensure_ascii=False))
+
+
+_NUMBERS = st.one_of(st.integers(), st.integers(min_value=10**18, max_value=10**40), st.booleans(), st.none(),
+                     st.floats(allow_nan=True), st.sampled_from(["²", "--2", "-3", " 4 ", "1" * 5000, "٣"]))
+_PARSER_STRATEGIES = ALL_STRATEGIES + [
+    InContextStrategy(JsonStrategy(), TfidfRetriever().fit([Demonstration("发热", (Mention("sym", "发热", 0, 2),))]), k=1)
+]
+
+
+@pytest.mark.parametrize("strategy", _PARSER_STRATEGIES, ids=lambda s: s.name)
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(response=st.one_of(_RESPONSES, _json_like(_NUMBERS)), text=st.sampled_from(["患者发热[咳嗽]，", "", "1²3 <mark>x</mark>"]))
+def test_parsers_never_raise_on_malformed_output(strategy, response, text):
+    """Any model output gives valid mentions or counted discards, never an exception."""
+    prompt = strategy.prompts(text, CMEEE)[0]
+    result = strategy.parse(text, response, prompt)
+    for m in result.mentions:
+        assert m.label in CMEEE
+        if m.has_offsets:
+            assert 0 <= m.start < m.end <= len(text) and text[m.start : m.end] == m.text
+    assert all(isinstance(n, int) and n > 0 for n in result.discarded.values())

@@ -19,7 +19,7 @@ from spacy.training import Example
 from .. import DEFAULT_SPANS_KEY
 from ..scoring import SCORE_WEIGHTS
 from ..spans import FLAT_POLICIES, set_spans
-from ..types import Mention
+from ..types import Mention, read_mentions
 
 logger = logging.getLogger("spacy_medllm")
 
@@ -99,7 +99,7 @@ class MedLLMAlign:
         self.stats: Counter = Counter()
 
     def __call__(self, doc: Doc) -> Doc:
-        by_source: Dict[str, List[Mention]] = doc._.llm_mentions or {}
+        by_source = {name: read_mentions(stored) for name, stored in (doc._.llm_mentions or {}).items()}
         search_texts: Dict[str, str] = doc._.llm_search_text or {}
         missing = [s for s in (self.sources or []) if s not in by_source]
         if missing:

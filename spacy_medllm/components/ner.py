@@ -24,6 +24,7 @@ from ..llm.loader import LoadedLM, MedLLMLoadError, ModelSpec, default_adapter_n
 from ..recognizer import Recognizer
 from ..safety import check_links, copy_file, copy_tree
 from ..strategies.base import Strategy
+from ..types import stored_mentions
 
 logger = logging.getLogger("spacy_medllm")
 
@@ -185,7 +186,7 @@ class MedLLMNer:
         self.stats["prompts"] += len(jobs)
         self.stats["forward_passes"] += sum(r.forward_passes for r in results)
         for doc, rec in zip(docs, recognitions):
-            _mapping(doc, "llm_mentions")[self.name] = rec.mentions
+            _mapping(doc, "llm_mentions")[self.name] = stored_mentions(rec.mentions)
             if self.recognizer.normalize:
                 _mapping(doc, "llm_search_text")[self.name] = self.recognizer.search_text(doc.text)
             if self.save_io:

@@ -18,6 +18,7 @@ from ..components.align import MedLLMAlign
 from ..labels import LabelScheme
 from ..recognizer import Recognizer
 from ..strategies.base import Strategy
+from ..types import stored_mentions
 from .generation import GenerationRequest
 
 
@@ -44,7 +45,7 @@ class MedLLMNERTask:
             doc = list(doc_shards)[0]
             jobs = self._plan(doc)
             recognition = self.recognizer.read([doc.text], jobs, list(doc_responses))[0]
-            doc._.llm_mentions = {self.aligner.name: recognition.mentions}
+            doc._.llm_mentions = {self.aligner.name: stored_mentions(recognition.mentions)}
             if self.recognizer.normalize:
                 doc._.llm_search_text = {self.aligner.name: self.recognizer.search_text(doc.text)}
             yield self.aligner(doc)

@@ -8,6 +8,7 @@ with the entity text give an offset mention; when they disagree but the text occ
 the source, the mention keeps the text and the stated start as ``hint`` for the aligner.
 """
 import json
+import re
 from typing import Any, Iterator, List, Optional, Sequence
 
 from spacy.util import registry
@@ -16,6 +17,7 @@ from ..types import Mention, ParseResult
 from .base import NONE_WORDS, BaseStrategy, Prompt, cap_response, finish, mention_at, strip_code_fence
 
 _DECODER = json.JSONDecoder()
+_OFFSET = re.compile(r"-?[0-9]{1,18}")
 
 
 class JsonStrategy(BaseStrategy):
@@ -61,11 +63,13 @@ class JsonStrategy(BaseStrategy):
 
 
 def _as_int(value: Any) -> Optional[int]:
+    """An offset the model wrote as a number or a string of ASCII digits; anything else
+    (booleans, ``"²"``, ``"--2"``, numbers longer than any text) is not an offset."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and _OFFSET.fullmatch(value.strip()):
         return int(value.strip())
     return None
 

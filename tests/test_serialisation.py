@@ -1,0 +1,65 @@
+"""Predicted docs serialise: DocBin with user data, multiprocessing, `spacy apply`."""
+import subprocess
+import sys
+
+import pytest
+import spacy
+import torch
+from spacy.tokens import DocBin
+
+from spacy_medllm.types import Mention, read_mentions
+
+torch.set_num_threads(1)
+
+TEXTS = ["患者出现发热、咳嗽，胸部CT提示肺炎。", "给予阿莫西林治疗。", "", "血常规检查未见异常。"]
+
+
+def spans(doc):
+    return [(s.start_char, s.end_char, s.label_) for s in doc.spans["sc"]], [(e.start_char, e.end_char, e.label_) for e in doc.ents]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    nlp = spacy.blank("zh", config={"nlp": {"tokenizer": {"@tokenizers": "spacy_medllm.CharTokenizer.v1"}}})
+    nlp.add_pipe("medllm_ner", config={"labels": {"@misc": "spacy_medllm.LabelScheme.v1", "scheme": "cmeee"}})
+    nlp.add_pipe("medllm_align")
+    path = tmp_path_factory.mktemp("ser") / "pipe"
+    nlp.to_disk(path)
+    return path
+
+
+def test_docs_round_trip_through_docbin_with_user_data(saved):
+    nlp = spacy.load(saved)
+    docs = list(nlp.pipe(TEXTS))
+    assert any(doc.spans["sc"] for doc in docs), "the embedded model should find something here"
+    data = DocBin(docs=docs, store_user_data=True).to_bytes()
+    back = list(DocBin().from_bytes(data).get_docs(nlp.vocab))
+    for doc, again in zip(docs, back):
+        assert spans(again) == spans(doc)
+        # msgpack gives lists back as tuples: compare the typed view
+        assert read_mentions(again._.llm_mentions["medllm_ner"]) == read_mentions(doc._.llm_mentions["medllm_ner"])
+        assert list(again.spans["sc"].attrs["scores"]) == list(doc.spans["sc"].attrs["scores"])
+        assert all(isinstance(m, Mention) for m in read_mentions(again._.llm_mentions["medllm_ner"]))
+    assert docs[0].to_bytes() and spacy.tokens.Doc(nlp.vocab).from_bytes(docs[0].to_bytes()).text == TEXTS[0]
+
+
+def test_two_processes_give_the_spans_of_one(saved):
+    nlp = spacy.load(saved)
+    one = [spans(d) for d in nlp.pipe(TEXTS, n_process=1)]
+    two = [spans(d) for d in nlp.pipe(TEXTS, n_process=2, batch_size=2)]
+    assert two == one
+
+
+def test_spacy_apply_on_a_saved_pipeline(saved, tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join('{"text": "%s"}' % t for t in TEXTS if t), encoding="utf8")
+    out = tmp_path / "out.spacy"
+    run = subprocess.run(
+        [sys.executable, "-m", "spacy", "apply", str(saved), str(source), str(out), "--text-key", "text"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    nlp = spacy.load(saved)
+    applied = list(DocBin().from_disk(out).get_docs(nlp.vocab))
+    assert [spans(d) for d in applied] == [spans(d) for d in nlp.pipe(t for t in TEXTS if t)]
+    assert all("medllm_ner" in d._.llm_mentions for d in applied)
