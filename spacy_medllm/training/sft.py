@@ -44,6 +44,9 @@ from .sft_data import (
 )
 
 METHODS = ("full", "lora", "qlora")
+# a run that the wall-clock cap stops before this share of max_steps fails instead of passing
+# an undertrained model on to the next step of a workflow
+MIN_STEP_SHARE = 0.5
 OVERLONG = ("truncate", "skip")
 Evaluator = Callable[[Path], Dict[str, Any]]
 
@@ -504,6 +507,12 @@ def train_sft(
         run_evaluation()
         _save_checkpoint(output_dir, model, optimizer, scheduler, state, config, total_steps)
     log_file.close()
+    if state.step < MIN_STEP_SHARE * total_steps:
+        raise SFTError(
+            f"Training stopped at step {state.step} of {total_steps} (max_minutes={config.max_minutes}): the model in "
+            f"{output_dir} had under {MIN_STEP_SHARE:.0%} of its step budget and is not usable as a result. Resume it "
+            f"with --resume {output_dir}/checkpoints/checkpoint-{state.step}, or set max_steps to what the time allows."
+        )
     return TrainResult(
         output_dir=output_dir,
         state=state,
