@@ -101,7 +101,7 @@ def checkpoint_template(path):
     directory), or None: the strategy's builtin one."""
     if path == "random":
         return None
-    from spacy_medllm.components.ner import MODEL_TEMPLATE_FILE
+    from spacy_medllm.llm.loader import MODEL_TEMPLATE_FILE
     from spacy_medllm.embedded import resolve_model_path
 
     found = resolve_model_path(path) / MODEL_TEMPLATE_FILE

@@ -1,6 +1,7 @@
 """medllm_ner → medllm_align on tiny models of the real architectures: prompting, parsing,
 alignment policies, nlp.pipe / nlp.evaluate, disk round trips, adapters and the spacy-llm task."""
 import json
+from pathlib import Path
 
 import pytest
 import spacy
@@ -20,6 +21,7 @@ from spacy_medllm.types import Mention
 
 torch.set_num_threads(1)
 
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 SENTENCES = ["患者出现发热、咳嗽，诊断为肺炎。", "给予阿莫西林治疗。", ""]
 CMEEE = get_scheme("cmeee")
 
@@ -331,6 +333,31 @@ def test_spacy_llm_component_with_our_model_and_task(tiny_dirs):
     )
     for text in SENTENCES[:2]:
         assert span_tuples(nlp(text)) == span_tuples(ours(text))
+
+
+def test_spacy_llm_route_prompts_like_medllm_ner_with_a_model_that_carries_its_template():
+    """The embedded model carries prompt_template.jinja: both routes must prompt with it."""
+    from spacy_medllm.embedded import EMBEDDED_DIR
+    from spacy_medllm.readers import CONVERTERS, read_docs
+
+    assert (EMBEDDED_DIR / "prompt_template.jinja").is_file()
+    ours = char_nlp()
+    ours.add_pipe("medllm_ner")
+    ours.add_pipe("medllm_align")
+    nlp = char_nlp()
+    nlp.add_pipe("llm", config={
+        "task": {"@llm_tasks": "spacy_medllm.NERTask.v1", "strategy": {"@misc": "spacy_medllm.SymbolStrategy.v1"},
+                 "labels": {"@misc": "spacy_medllm.LabelScheme.v1", "scheme": "cmeee"}},
+        "model": {"@llm_models": "spacy_medllm.HFCausalLM.v1", "spec": {"@misc": "spacy_medllm.ModelSpec.v1", "path": "embedded"}},
+    })
+    assert nlp.get_pipe("llm")._model.prompt_template == str(EMBEDDED_DIR / "prompt_template.jinja")
+    texts = [d.text for d in read_docs(ASSETS / "cmeee_dev.json", CONVERTERS["cmeee"], nlp.vocab, limit=6)]
+    found = 0
+    for text in texts:
+        expected = span_tuples(ours(text))
+        assert span_tuples(nlp(text)) == expected
+        found += len(expected)
+    assert found > 0
 
 
 def test_custom_template_is_stored_with_the_pipeline(tiny_dirs, tmp_path):

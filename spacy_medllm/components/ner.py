@@ -40,9 +40,6 @@ if not Doc.has_extension("llm_io"):
 AUTO_COPY_LIMIT_BYTES = 200 * 1024 * 1024
 # A custom prompt template is stored with the pipeline under this name.
 TEMPLATE_FILE = "template.jinja"
-# A fine-tuned model (or adapter) directory may carry the prompt template it was trained
-# with under this name; it is used when the strategy names no template of its own.
-MODEL_TEMPLATE_FILE = "prompt_template.jinja"
 
 @Language.factory(
     "medllm_ner",
@@ -148,21 +145,20 @@ class MedLLMNer:
             if self.adapter is not None:
                 self._adapter_name = default_adapter_name(Path(self.adapter))
                 lm.add_adapter(self._adapter_name, self.adapter)
-            self._use_model_template(Path(spec.path))
+            self._use_model_template(lm)
             self._lm = lm
         return self._lm
 
-    def _use_model_template(self, base: Path) -> None:
-        """Prompt the model the way it was fine-tuned: take the template its adapter or base
-        directory carries when the strategy was given none."""
+    def _use_model_template(self, lm: LoadedLM) -> None:
+        """Prompt the model the way it was fine-tuned (:meth:`LoadedLM.prompt_template`)
+        when the strategy was given no template."""
         strategy = self.recognizer.strategy
         if getattr(strategy, "template", "no templates") is not None:
             return
-        for directory in ([Path(self.adapter)] if self.adapter else []) + [base]:
-            if (directory / MODEL_TEMPLATE_FILE).is_file():
-                strategy.use_template(str(directory / MODEL_TEMPLATE_FILE))
-                logger.info("%s: prompting with the template of %s", self.name, directory)
-                return
+        template = lm.prompt_template(self._adapter_name)
+        if template is not None:
+            strategy.use_template(template)
+            logger.info("%s: prompting with the template %s", self.name, template)
 
     @property
     def generator(self) -> HFGenerator:

@@ -9,7 +9,7 @@ token budget and, for scores, the per-token log-probabilities such servers retur
 """
 import time
 from dataclasses import dataclass, field
-from typing import Any, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
+from typing import Any, Callable, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 from .loader import LoadedLM
 
@@ -33,6 +33,9 @@ class GenerationRequest:
     literals: parts of a string prompt that are input text (the document), in which
         special-token strings such as ``<|im_end|>`` must stay text instead of becoming
         control tokens; the contents of a message-list prompt always are.
+    with_template: rebuilds this request from a prompt template file, for a model that
+        carries the template it was fine-tuned with (set when the prompt came from a
+        strategy that was given no template of its own).
     """
 
     prompt: Union[str, Messages]
@@ -40,6 +43,7 @@ class GenerationRequest:
     chat: bool = False
     constraint: Any = field(default=None, compare=False)
     literals: Tuple[str, ...] = ()
+    with_template: Optional[Callable[[str], "GenerationRequest"]] = field(default=None, compare=False, repr=False)
 
 
 @dataclass

@@ -26,6 +26,9 @@ from ..safety import (
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = (None, "4bit", "8bit")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+# A fine-tuned model (or adapter) directory may carry the prompt template it was trained
+# with under this name; prompts use it when the strategy names no template of its own.
+MODEL_TEMPLATE_FILE = "prompt_template.jinja"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _LORA_KEY = re.compile(
     r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(\.|$)"
@@ -225,6 +228,16 @@ class LoadedLM:
             yield self.model
         finally:
             self.model.set_adapter(previous)
+
+    def prompt_template(self, adapter: Optional[str] = None) -> Optional[str]:
+        """The prompt template the model was fine-tuned with: the one the adapter's folder
+        carries, else the base folder's; None when neither carries one. The one place that
+        decides it, for ``medllm_ner`` and the spacy-llm model alike."""
+        folders = ([self.adapters[adapter]] if adapter is not None and adapter in self.adapters else []) + [Path(self.spec.path)]
+        for folder in folders:
+            if (folder / MODEL_TEMPLATE_FILE).is_file():
+                return str(folder / MODEL_TEMPLATE_FILE)
+        return None
 
     def _check_adapter_name(self, name: str) -> None:
         if name not in self.adapters:

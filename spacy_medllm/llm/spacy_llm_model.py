@@ -37,6 +37,7 @@ class HFCausalLM:
             name = adapter_name or default_adapter_name(Path(adapter))
             self.lm.add_adapter(name, adapter)
         self.generator = HFGenerator(self.lm, name)
+        self.prompt_template = self.lm.prompt_template(name)
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.chat = chat
@@ -53,7 +54,7 @@ class HFCausalLM:
         """Prompts that are already :class:`GenerationRequest`s (our NER task's, which may
         carry a copy constraint) are answered with full :class:`GenerationResult`s, so the
         task sees token scores; any other prompt is answered with its text."""
-        per_doc = [list(doc_prompts) for doc_prompts in prompts]
+        per_doc = [[self._templated(p) for p in doc_prompts] for doc_prompts in prompts]
         requests = [
             p if isinstance(p, GenerationRequest) else GenerationRequest(prompt=p, max_new_tokens=self.max_new_tokens, chat=self.chat)
             for doc_prompts in per_doc
@@ -64,6 +65,13 @@ class HFCausalLM:
             [r if isinstance(p, GenerationRequest) else r.text for p, r in zip(doc_prompts, results)]
             for doc_prompts in per_doc
         ]
+
+    def _templated(self, prompt: Any) -> Any:
+        """A request of a strategy without a template of its own, rebuilt with the template
+        the model was fine-tuned with (as ``medllm_ner`` prompts it)."""
+        if isinstance(prompt, GenerationRequest) and prompt.with_template and self.prompt_template:
+            return prompt.with_template(self.prompt_template)
+        return prompt
 
 
 @registry.llm_models("spacy_medllm.HFCausalLM.v1")

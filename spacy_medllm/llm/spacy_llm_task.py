@@ -7,6 +7,8 @@ group; the symbol strategy's prompts carry the copy constraint, which our model 
 Responses are parsed by the same :class:`~spacy_medllm.recognizer.Recognizer` and aligned by
 the same aligner as the ``medllm_ner`` → ``medllm_align`` pipeline.
 """
+from copy import copy
+from dataclasses import replace
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 from spacy.tokens import Doc
@@ -33,6 +35,7 @@ class MedLLMNERTask:
     def __init__(self, recognizer: Recognizer, aligner: MedLLMAlign) -> None:
         self.recognizer = recognizer
         self.aligner = aligner
+        self._templated: Dict[str, Recognizer] = {}
 
     def generate_prompts(
         self, docs: Iterable[Doc], context_length: Optional[int] = None
@@ -54,7 +57,22 @@ class MedLLMNERTask:
         return self.aligner.score(examples)
 
     def _plan(self, doc: Doc):
-        return self.recognizer.plan([doc.text], lambda prompt: prompt.messages())
+        jobs = self.recognizer.plan([doc.text], lambda prompt: prompt.messages())
+        if getattr(self.recognizer.strategy, "template", "own") is not None:
+            return jobs
+        # the strategy has no template: the model may prompt with the one it carries
+        return [replace(job, request=replace(job.request, with_template=self._rebuilder(doc, i))) for i, job in enumerate(jobs)]
+
+    def _rebuilder(self, doc: Doc, index: int) -> Callable[[str], GenerationRequest]:
+        def with_template(template: str) -> GenerationRequest:
+            if template not in self._templated:
+                recognizer = copy(self.recognizer)
+                recognizer.strategy = copy(self.recognizer.strategy)
+                recognizer.strategy.use_template(template)
+                self._templated[template] = recognizer
+            return self._templated[template].plan([doc.text], lambda prompt: prompt.messages())[index].request
+
+        return with_template
 
 
 @registry.llm_tasks("spacy_medllm.NERTask.v1")

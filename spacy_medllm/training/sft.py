@@ -31,7 +31,7 @@ from spacy.util import registry
 from wasabi import msg
 
 from ..llm.generation import stop_token_ids
-from ..llm.loader import ModelSpec, clear_cache, load_lm
+from ..llm.loader import MODEL_TEMPLATE_FILE, ModelSpec, clear_cache, load_lm
 from .sft_data import (
     IGNORE_INDEX,
     ChatRecord,
@@ -272,8 +272,6 @@ def trainable_state(model) -> Dict[str, Any]:
 def save_model(model, tokenizer, path: Path, prompt_template: Optional[Path] = None) -> None:
     """Weights (full, or the peft adapter) and tokenizer in the Hugging Face format, and
     the prompt template the records were built with (``medllm_ner`` prompts with it)."""
-    from ..components.ner import MODEL_TEMPLATE_FILE
-
     if path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True)
