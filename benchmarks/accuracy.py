@@ -82,6 +82,26 @@ def train_spacy_ner(train: Path, out: Path, minutes: float, seed: int, threads: 
     return record
 
 
+def reset_peak_memory() -> None:
+    """Start this process's peak-RSS count afresh (Linux): a spawned worker otherwise starts
+    with its parent's, which may hold spaCy's training data."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process since :func:`reset_peak_memory`."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def load_system(kind: str, target: str, overrides: Dict[str, Any]):
     import spacy
     from spacy.util import load_config, load_model_from_config
@@ -102,6 +122,7 @@ def score_system(name: str, kind: str, target: str, overrides: Dict[str, Any], d
     from spacy_medllm.scoring import score_examples
 
     torch.set_num_threads(threads)
+    reset_peak_memory()
     nlp = load_system(kind, target, overrides)
     golds = gold_docs(dev, nlp.vocab, start, size)
     nlp(golds[0].text)  # load the model before the clock starts
@@ -112,7 +133,7 @@ def score_system(name: str, kind: str, target: str, overrides: Dict[str, Any], d
         if "sc" not in doc.spans:  # a flat NER: its entities are its nested answer too
             doc.spans["sc"] = list(doc.ents)
     scores = score_examples([Example(p, g) for p, g in zip(predicted, golds)], "sc")
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_memory_mb()
     keys = ("p", "r", "f")
     return {
         "system": name,

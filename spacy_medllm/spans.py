@@ -7,13 +7,16 @@ FLAT_POLICIES = ("longest", "score", "outermost", "first")
 
 
 def _sort_key(policy: str, scores: Optional[Dict[int, float]]) -> Callable[[tuple], tuple]:
-    # items are (index, span); ties always fall back to document order
+    # items are (index, span); ties go to the higher score, then to document order
+    def score(item: tuple) -> float:
+        return -(scores or {}).get(item[0], 0.0)
+
     if policy == "longest":
-        return lambda item: (-(item[1].end - item[1].start), item[1].start, item[0])
+        return lambda item: (-(item[1].end - item[1].start), item[1].start, score(item), item[0])
     if policy == "score":
-        return lambda item: (-(scores or {}).get(item[0], 0.0), -(item[1].end - item[1].start), item[1].start)
+        return lambda item: (score(item), -(item[1].end - item[1].start), item[1].start, item[0])
     if policy == "outermost":
-        return lambda item: (item[1].start, -(item[1].end - item[1].start), item[0])
+        return lambda item: (item[1].start, -(item[1].end - item[1].start), score(item), item[0])
     if policy == "first":
         return lambda item: (item[0],)
     raise ValueError(f"Unknown flat policy {policy!r}; choose one of {FLAT_POLICIES}")
@@ -23,7 +26,8 @@ def flat_view(spans: Sequence[Span], policy: str = "longest", scores: Optional[S
     """Pick a non-overlapping subset of ``spans`` greedily in the policy's order.
 
     ``longest`` prefers longer spans, ``score`` higher scores, ``outermost`` the span
-    that starts first (then the longer), ``first`` the order given.
+    that starts first (then the longer), ``first`` the order given. Between spans the
+    policy cannot tell apart (the same span under several types), the higher score wins.
     """
     score_map = dict(enumerate(scores)) if scores is not None else None
     taken = [False] * (len(spans[0].doc) if spans else 0)

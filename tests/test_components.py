@@ -395,3 +395,16 @@ def test_embedded_default_runs_with_its_own_prompt_template():
     assert "label.name" in template and io[0]["prompt"].count(SENTENCES[1]) == 1
     assert "你是" not in io[0]["prompt"]  # not the builtin instruction the model was not tuned on
     assert all(doc.text[s.start_char : s.end_char] == s.text for s in doc.spans["sc"])
+
+
+def test_flat_view_breaks_ties_between_types_by_score():
+    """阿莫西林 under several types: doc.ents takes the best-scored type, not the first."""
+    from spacy_medllm.spans import flat_view
+
+    doc = char_nlp()("给予阿莫西林治疗。")
+    spans = [doc.char_span(2, 6, label=label) for label in ("bod", "dru", "sym")]
+    assert [s.label_ for s in flat_view(spans, "longest", [0.2, 0.9, 0.5])] == ["dru"]
+    assert [s.label_ for s in flat_view(spans, "outermost", [0.2, 0.3, 0.5])] == ["sym"]
+    assert [s.label_ for s in flat_view(spans, "longest")] == ["bod"]  # no scores: document order
+    longer = doc.char_span(0, 6, label="pro")
+    assert [s.label_ for s in flat_view(spans + [longer], "longest", [0.2, 0.9, 0.5, 0.1])] == ["pro"]

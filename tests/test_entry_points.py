@@ -53,3 +53,14 @@ def test_cli_entry_point_mounts_the_command_group():
     app = cli.load()
     names = {c.name for c in app.registered_commands}
     assert {"convert", "errors", "build-instructions", "init-tiny", "train-llm", "exemplars"} <= names
+
+
+def test_every_pipeline_config_goes_through_fill_config(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for config in sorted((Path(__file__).resolve().parents[1] / "configs").glob("pipeline_*.cfg")):
+        run = subprocess.run([sys.executable, "-m", "spacy", "init", "fill-config", str(config), str(tmp_path / config.name)],
+                             capture_output=True, text=True)
+        assert run.returncode == 0, (config.name, run.stdout[-1000:], run.stderr[-1000:])

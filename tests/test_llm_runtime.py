@@ -286,6 +286,14 @@ def test_model_errors(models, tmp_path, monkeypatch):
     (remote / "config.json").write_text(json.dumps({"model_type": "chatglm", "auto_map": {"AutoConfig": "x.Y"}}))
     (remote / "model.safetensors").write_bytes(b"")
     _load_error(ModelSpec(str(remote)), "needs its own Python code.*trust_remote_code = true")
+    _load_error(ModelSpec("Qwen/Qwen2.5-7B-Instruct"), "Hub id.*local directories only.*huggingface-cli download")
+    no_tokenizer = tmp_path / "no_tokenizer"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    (no_tokenizer / "model.safetensors").write_bytes(b"")
+    _load_error(ModelSpec(str(no_tokenizer)), "has no tokenizer files")
+    (no_tokenizer / "config.json").write_text("{broken")
+    _load_error(ModelSpec(str(no_tokenizer)), "config.json is not valid JSON")
     if not torch.cuda.is_available():
         _load_error(ModelSpec(models["qwen2"], device="cuda"), "CUDA is not available.*device = \"cpu\"")
         _load_error(ModelSpec(models["qwen2"], device="cuda:1"), "CUDA is not available")

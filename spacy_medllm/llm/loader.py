@@ -26,6 +26,7 @@ from ..safety import (
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = (None, "4bit", "8bit")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # A fine-tuned model (or adapter) directory may carry the prompt template it was trained
 # with under this name; prompts use it when the strategy names no template of its own.
 MODEL_TEMPLATE_FILE = "prompt_template.jinja"
@@ -280,6 +281,12 @@ def load_lm(spec: ModelSpec) -> LoadedLM:
     path ``"embedded"`` is the tiny model shipped in the package."""
     from ..embedded import resolve_model_path  # it imports this module
 
+    if _HUB_ID.fullmatch(spec.path) and not Path(spec.path).expanduser().exists():
+        raise MedLLMLoadError(
+            f"Model path {spec.path} does not exist here and looks like a Hugging Face Hub id, but models "
+            "are read from local directories only (nothing is downloaded at run time). Download it first, e.g. "
+            f"`huggingface-cli download {spec.path} --local-dir /models/{Path(spec.path).name}`, and point `path` there."
+        )
     key = replace(spec, path=str(resolve_model_path(spec.path).expanduser().resolve()))
     if key not in _CACHE:
         _CACHE[key] = _load(key)
@@ -351,7 +358,10 @@ def _check_model_dir(path: Path, spec: ModelSpec) -> Dict[str, Any]:
         require_user_permission(TRUST_REMOTE_CODE_ENV, path, "run the model's own Python code (trust_remote_code)")
     if not spec.use_safetensors:
         require_user_permission(ALLOW_PICKLE_ENV, path, "unpickle weights (use_safetensors = false)")
-    config = json.loads(config_file.read_text(encoding="utf8"))
+    try:
+        config = json.loads(config_file.read_text(encoding="utf8"))
+    except ValueError as err:
+        raise MedLLMLoadError(f"{config_file} is not valid JSON ({err}); restore it from the original checkpoint.") from err
     if spec.use_safetensors and not any(path.glob("*.safetensors")):
         found = sorted(p.name for p in path.glob("*.bin")) or ["no weight files"]
         raise MedLLMLoadError(
@@ -369,6 +379,11 @@ def _check_model_dir(path: Path, spec: ModelSpec) -> Dict[str, Any]:
                 "if you trust its code, set trust_remote_code = true and allow it for this folder with "
                 f"{TRUST_REMOTE_CODE_ENV}={path} in the environment."
             )
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise MedLLMLoadError(
+            f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): save the tokenizer with the "
+            "model (tokenizer.save_pretrained(DIR)) or copy its files there."
+        )
     return config
 
 
