@@ -5,6 +5,7 @@ folder is absent); hand-made files cover every kind of broken input.
 """
 
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -266,6 +267,20 @@ def test_cmeee_broken_list(tmp_path):
     assert all(p.file == str(path) for p in report.problems)
     assert (report.documents, report.entities, report.dropped) == (4, 4, 6)
     assert [d.user_data["source"] for d in docs] == ["broken.json:2", "broken.json:3", "broken.json:5", "broken.json:8"]
+
+
+def test_cmeee_offsets_that_are_not_integers_are_problems(tmp_path):
+    lines = [
+        b"[",
+        _cmeee_line("患者头痛发热", (True, 3, "sym", "头痛"), (2.7, 3, "sym", "头痛"), ("2", "3", "sym", "头痛")),
+        _cmeee_line("咳嗽", (0, 1.0, "sym", "咳嗽"), ("²", 1, "sym", "咳嗽"))[:-1],
+        b"]",
+    ]
+    path = tmp_path / "offsets.json"
+    path.write_bytes(b"\n".join(lines))
+    docs, report = _read(path, "cmeee")
+    assert [_spans(d) for d in docs] == [[("sym", 2, 4)], []]  # only the quoted digits count
+    assert _problems(report) == [(2, MALFORMED_ENTITY, False)] * 2 + [(3, MALFORMED_ENTITY, False)] * 2
 
 
 def test_cmeee_pretty_printed_lines_and_json_lines(tmp_path):
@@ -638,3 +653,24 @@ def test_convert_cli_round_trip(converted, asset):
 def test_convert_cli_reports_problems(converted):
     _, stdout, _ = converted["rocling_sample.txt"]
     assert "2 problems" in stdout and "rocling_sample.txt:4235" in stdout and "O-SYMP" in stdout
+
+
+@pytest.mark.parametrize(
+    "content, args, expected",
+    [
+        (b"", ["--converter", "bio"], "holds no documents: it is empty"),
+        (b"[\n", ["--converter", "cmeee"], "holds no documents: it is empty"),
+        (None, ["--converter", "cmeee"], "does not look like cmeee input.*--converter bio"),
+    ],
+    ids=["empty", "only-bracket", "wrong-converter"],
+)
+def test_convert_cli_refuses_empty_and_mismatched_input(tmp_path, content, args, expected):
+    path = tmp_path / "input.txt"
+    if content is None:  # a character-BIO file given to the CMeEE converter
+        path.write_bytes((ASSETS / "rocling_sample.txt").read_bytes()[:20000])
+    else:
+        path.write_bytes(content)
+    run = subprocess.run([sys.executable, "-m", "spacy", "medllm", "convert", str(path), str(tmp_path / "out"), *args],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 1
+    assert re.search(expected.replace(" ", r"\s+"), run.stdout + run.stderr), run.stdout[-2000:]

@@ -96,5 +96,19 @@ def convert_cli(
         )
     except ValueError as err:
         msg.fail(str(err), exits=1)
+    if report.documents == 0:
+        if report.problems:
+            print_report(report)
+            guessed = _guess(input_file)
+            hint = f" It looks like {guessed}: pass --converter {guessed}." if guessed and guessed != name else ""
+            msg.fail(f"No document could be read: {input_file} does not look like {name} input ({len(report.problems)} problems).{hint}", exits=1)
+        msg.fail(f"{input_file} holds no documents: it is empty.", exits=1)
     msg.good(f"Converted {input_file} ({name}) to {output_path}")
     print_report(report)
+
+
+def _guess(path: Path) -> Optional[str]:
+    try:
+        return guess_converter(path)
+    except ValueError:
+        return None

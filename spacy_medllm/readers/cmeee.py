@@ -61,9 +61,19 @@ def _values(path: Path, report: ReadReport) -> Iterator[Tuple[int, Any, List[int
             yield line, value, []
 
 
+def _offset(value: Any) -> int:
+    """A character offset as the file states it: an integer, or a string of digits (some
+    exports quote them); ``true`` or ``32.7`` are not offsets."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isascii() and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    raise ValueError(f"offset {value!r} is not an integer")
+
+
 def _entity(raw: Any, line: int, report: ReadReport) -> Optional[Entity]:
     try:
-        start, end = int(raw["start_idx"]), int(raw["end_idx"]) + 1
+        start, end = _offset(raw["start_idx"]), _offset(raw["end_idx"]) + 1
         label = raw["type"]
         if not isinstance(label, str) or not label:
             raise ValueError("no type")
