@@ -64,3 +64,12 @@ def test_every_pipeline_config_goes_through_fill_config(tmp_path):
         run = subprocess.run([sys.executable, "-m", "spacy", "init", "fill-config", str(config), str(tmp_path / config.name)],
                              capture_output=True, text=True)
         assert run.returncode == 0, (config.name, run.stdout[-1000:], run.stderr[-1000:])
+
+
+def test_command_summaries_are_whole():
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "spacy", "medllm", "--help"], capture_output=True, text=True)
+    assert run.returncode == 0 and "train-llm" in run.stdout
+    assert "..." not in run.stdout.split("Commands:")[1], run.stdout

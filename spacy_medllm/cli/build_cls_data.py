@@ -21,7 +21,7 @@ PROBLEMS = {
 }
 
 
-@medllm_cli.command("build-cls-data")
+@medllm_cli.command("build-cls-data", short_help="Records for the LLM-CLS filter: gold entities and negatives")
 def build_cls_data_cli(
     # fmt: off
     input_path: Path = Arg(..., help="Gold documents (.spacy) with entities in doc.spans[spans_key]", exists=True, dir_okay=False),

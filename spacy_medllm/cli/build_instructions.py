@@ -96,7 +96,7 @@ def _count_tokens(tokenizer: Any, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-@medllm_cli.command("build-instructions")
+@medllm_cli.command("build-instructions", short_help="Instruction data (Alpaca and messages JSONL) for a strategy")
 def build_instructions_cli(
     # fmt: off
     input_path: Path = Arg(..., help="Gold .spacy file", exists=True, dir_okay=False),

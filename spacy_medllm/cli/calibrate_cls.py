@@ -12,7 +12,7 @@ from ..components.cls import calibrate, find_filter
 from . import medllm_cli
 
 
-@medllm_cli.command("calibrate-cls")
+@medllm_cli.command("calibrate-cls", short_help="Choose the filter threshold with the best dev F1")
 def calibrate_cls_cli(
     # fmt: off
     pipeline: Path = Arg(..., help="Pipeline directory with a medllm_cls component", exists=True, file_okay=False),

@@ -71,7 +71,7 @@ def print_report(report: ReadReport) -> None:
         print(f"  … and {len(report.problems) - SHOW_PROBLEMS} more")
 
 
-@medllm_cli.command("convert")
+@medllm_cli.command("convert", short_help="Corpus file (CMeEE, CCKS2019, BIO, HealthNER, CoNLL) to .spacy")
 def convert_cli(
     input_file: Path = Arg(..., help="Corpus file in a source format", exists=True, dir_okay=False),
     output_dir: Path = Arg(..., help="Directory for <input stem>.spacy", file_okay=False),

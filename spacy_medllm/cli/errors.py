@@ -21,7 +21,7 @@ from ..scoring import (
 from . import medllm_cli
 
 
-@medllm_cli.command("errors")
+@medllm_cli.command("errors", short_help="Scores and the error taxonomy of predictions vs gold")
 def errors_cli(
     # fmt: off
     gold_path: Path = Arg(..., help="Gold documents (.spacy)", exists=True, dir_okay=False),

@@ -13,7 +13,7 @@ from ..training.exemplars import collect_entities, lm_embedder, save_exemplars, 
 from . import medllm_cli
 
 
-@medllm_cli.command("exemplars")
+@medllm_cli.command("exemplars", short_help="Representative entities per type (K-Means) for the decision LLM")
 def exemplars_cli(
     # fmt: off
     train_path: Path = Arg(..., help="Training documents (.spacy)", exists=True, dir_okay=False),

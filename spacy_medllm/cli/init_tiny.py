@@ -8,7 +8,7 @@ from wasabi import msg
 from . import medllm_cli
 
 
-@medllm_cli.command("init-tiny")
+@medllm_cli.command("init-tiny", short_help="Build a tiny character-level Qwen2/Llama and its tokenizer")
 def init_tiny_cli(
     # fmt: off
     output_dir: Path = Arg(..., help="Directory to save the model and tokenizer to (Hugging Face format)", file_okay=False),

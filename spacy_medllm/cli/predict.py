@@ -28,7 +28,7 @@ def predict_docs(nlp: Language, docs: List[Doc], batch_size: Optional[int] = Non
         yield pred
 
 
-@medllm_cli.command("predict")
+@medllm_cli.command("predict", short_help="Annotate texts with a pipeline and save the docs")
 def predict_cli(
     # fmt: off
     pipeline: str = Arg(..., help="Pipeline directory or installed package name"),

@@ -13,7 +13,7 @@ from ..training.sft_data import SFTError
 from . import medllm_cli
 
 
-@medllm_cli.command("train-cls", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@medllm_cli.command("train-cls", short_help="Train the LLM-CLS candidate filter", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train_cls_cli(
     # fmt: off
     ctx: typer.Context,  # used for the extra arguments: config overrides

@@ -53,7 +53,7 @@ def train_llm(
     )
 
 
-@medllm_cli.command("train-llm", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@medllm_cli.command("train-llm", short_help="Fine-tune the generator: full, LoRA or QLoRA", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train_llm_cli(
     # fmt: off
     ctx: typer.Context,  # used for the extra arguments: config overrides

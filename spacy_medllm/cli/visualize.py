@@ -12,7 +12,7 @@ from . import medllm_cli
 from .predict import predict_docs, read_docs
 
 
-@medllm_cli.command("visualize")
+@medllm_cli.command("visualize", short_help="displaCy span page of a pipeline's predictions")
 def visualize_cli(
     # fmt: off
     pipeline: str = Arg(..., help="Pipeline directory or installed package name"),
