@@ -674,3 +674,14 @@ def test_convert_cli_refuses_empty_and_mismatched_input(tmp_path, content, args,
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert run.returncode == 1
     assert re.search(expected.replace(" ", r"\s+"), run.stdout + run.stderr), run.stdout[-2000:]
+
+
+@pytest.mark.parametrize("layout", ["list", "lines"])
+def test_cmeee_record_nested_too_deeply_is_reported_and_the_rest_converted(tmp_path, layout):
+    deep = "[" * 100000 + "]" * 100000
+    records = ['{"text": "患者发热", "entities": []}', '{"text": "x", "entities": %s}' % deep, '{"text": "咳嗽", "entities": []}']
+    path = tmp_path / "deep.json"
+    path.write_text("[\n" + ",\n".join(records) + "\n]" if layout == "list" else "\n".join(records), encoding="utf8")
+    docs, report = _read(path, "cmeee")
+    assert [d.text for d in docs] == ["患者发热", "咳嗽"]
+    assert _problems(report) == [(2 if layout == "lines" else 3, BAD_JSON, False)]

@@ -131,9 +131,14 @@ def iter_json_lines(path: Path, report: ReadReport) -> Iterator[Tuple[int, Any]]
         if line is None or not line.strip():
             continue
         try:
-            yield number, json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError as err:
             report.problem(number, BAD_JSON, kept=False, detail=err.msg)
+            continue
+        except RecursionError:
+            report.problem(number, BAD_JSON, kept=False, detail="nested too deeply to read")
+            continue
+        yield number, value
 
 
 def token_offsets(words: Sequence[str], gap: int = 1) -> List[Tuple[int, int]]:

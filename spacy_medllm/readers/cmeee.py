@@ -45,6 +45,13 @@ def _json_list(text: str, bad_lines: set, report: ReadReport) -> Iterator[Tuple[
                 return
             pos = resync.end() - 1
             continue
+        except RecursionError:
+            report.problem(line_of(pos), BAD_JSON, kept=False, detail="nested too deeply to read")
+            resync = _NEXT_RECORD.search(text, pos + 1)
+            if resync is None:
+                return
+            pos = resync.end() - 1
+            continue
         yield line_of(pos), value, [line_of(m.start()) for m in _START_KEY.finditer(text, pos, end)]
         pos = ws.match(text, end).end()
         if pos < len(text) and text[pos] == ",":
