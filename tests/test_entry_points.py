@@ -73,3 +73,13 @@ def test_command_summaries_are_whole():
     run = subprocess.run([sys.executable, "-m", "spacy", "medllm", "--help"], capture_output=True, text=True)
     assert run.returncode == 0 and "train-llm" in run.stdout
     assert "..." not in run.stdout.split("Commands:")[1], run.stdout
+
+
+def test_no_kernel_download_notice_when_transformers_loads_bitsandbytes():
+    import subprocess
+    import sys
+
+    code = "import spacy_medllm; from transformers import get_cosine_schedule_with_warmup; import bitsandbytes"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-1000:]
+    assert "kernels-community" not in run.stderr
