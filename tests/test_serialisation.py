@@ -63,3 +63,16 @@ def test_spacy_apply_on_a_saved_pipeline(saved, tmp_path):
     applied = list(DocBin().from_disk(out).get_docs(nlp.vocab))
     assert [spans(d) for d in applied] == [spans(d) for d in nlp.pipe(t for t in TEXTS if t)]
     assert all("medllm_ner" in d._.llm_mentions for d in applied)
+
+
+def test_visualize_draws_documents_without_spans_quietly(saved, tmp_path):
+    source = tmp_path / "in.spacy"
+    nlp = spacy.load(saved)
+    DocBin(docs=[nlp.make_doc("。"), nlp.make_doc("患者发热。")]).to_disk(source)
+    out = tmp_path / "page.html"
+    run = subprocess.run([sys.executable, "-m", "spacy", "medllm", "visualize", str(saved), str(source), str(out), "--with-gold"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "W117" not in run.stderr, run.stderr[-3000:]
+    html = out.read_text(encoding="utf8")
+    assert "1 predicted" in html and "2 predicted" in html

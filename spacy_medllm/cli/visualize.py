@@ -1,5 +1,6 @@
 """``python -m spacy medllm visualize``: a displaCy span view (nested entities) of a few
 predicted documents, as one standalone HTML page."""
+import warnings
 from pathlib import Path
 
 import spacy
@@ -34,7 +35,9 @@ def visualize_cli(
             shown.append(ref)
         pred.user_data["title"] = f"{i} predicted" if with_gold else str(i)
         shown.append(pred)
-    html = displacy.render(shown, style="span", page=True, options={"spans_key": spans_key})
+    with warnings.catch_warnings():  # W117 for every document without spans: they are drawn as plain text
+        warnings.filterwarnings("ignore", message=r"\[W117\]")
+        html = displacy.render(shown, style="span", page=True, options={"spans_key": spans_key})
     output_path.parent.mkdir(parents=True, exist_ok=True)
     output_path.write_text(html, encoding="utf8")
     msg.good(f"Rendered {len(gold)} documents with {pipeline}", str(output_path))
