@@ -76,3 +76,18 @@ def test_visualize_draws_documents_without_spans_quietly(saved, tmp_path):
     assert "W117" not in run.stderr, run.stderr[-3000:]
     html = out.read_text(encoding="utf8")
     assert "1 predicted" in html and "2 predicted" in html
+
+
+def test_first_document_comes_back_after_one_component_batch(saved):
+    """nlp.pipe's batch_size (1,000 by default) does not make the first answer wait for 1,000 docs."""
+    nlp = spacy.load(saved)
+    pulled = []
+
+    def texts():
+        for i in range(200):
+            pulled.append(i)
+            yield TEXTS[i % 2]
+
+    first = next(iter(nlp.pipe(texts())))
+    assert first.text == TEXTS[0]
+    assert len(pulled) <= nlp.get_pipe("medllm_ner").batch_size + 1

@@ -169,7 +169,10 @@ class MedLLMNer:
         return next(iter(self.pipe([doc])))
 
     def pipe(self, stream: Iterable[Doc], *, batch_size: Optional[int] = None) -> Iterator[Doc]:
-        for docs in minibatch(stream, size=batch_size or self.batch_size):
+        # nlp.pipe passes its own batch_size (1,000 by default); the component's bounds how many
+        # documents wait for the first answer
+        size = min(batch_size or self.batch_size, self.batch_size)
+        for docs in minibatch(stream, size=size):
             yield from self._process(list(docs))
 
     def _process(self, docs: List[Doc]) -> List[Doc]:
