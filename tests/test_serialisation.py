@@ -91,3 +91,17 @@ def test_first_document_comes_back_after_one_component_batch(saved):
     first = next(iter(nlp.pipe(texts())))
     assert first.text == TEXTS[0]
     assert len(pulled) <= nlp.get_pipe("medllm_ner").batch_size + 1
+
+
+def test_predict_shows_progress_and_keeps_the_mentions(saved, tmp_path):
+    nlp = spacy.load(saved)
+    source, out = tmp_path / "in.spacy", tmp_path / "out.spacy"
+    DocBin(docs=[nlp.make_doc(t) for t in TEXTS[:2]]).to_disk(source)
+    run = subprocess.run([sys.executable, "-m", "spacy", "medllm", "predict", str(saved), str(source), str(out), "--threads", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "2/2" in run.stderr and "doc/s" in run.stderr  # the progress bar
+    assert "medllm_ner: " in run.stdout and "prompts 18" in run.stdout  # the summary counts
+    predicted = list(DocBin().from_disk(out).get_docs(nlp.vocab))
+    assert [spans(d) for d in predicted] == [spans(d) for d in nlp.pipe(TEXTS[:2])]
+    assert all("medllm_ner" in d._.llm_mentions for d in predicted)

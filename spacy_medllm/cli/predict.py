@@ -37,17 +37,27 @@ def predict_cli(
     limit: int = Opt(0, "--limit", "-n", help="Annotate only the first N documents (0: all)"),
     batch_size: Optional[int] = Opt(None, "--batch-size", "-b", help="Documents per nlp.pipe batch (default: the pipeline's)"),
     use_gpu: int = Opt(-1, "--gpu-id", "-g", help="GPU ID or -1 for CPU"),
+    threads: int = Opt(0, "--threads", "-t", help="CPU threads for the models (0: torch's default)"),
+    progress: bool = Opt(True, "--progress/--no-progress", help="Show a progress bar (documents, rate, ETA)"),
     # fmt: on
 ):
     """Annotate the texts of INPUT_PATH with PIPELINE and write the predicted documents to
     OUTPUT_PATH in the same order, ready for `python -m spacy medllm errors GOLD PRED`."""
+    import torch
+    from tqdm import tqdm
+
     setup_gpu(use_gpu)
+    if threads > 0:
+        torch.set_num_threads(threads)
     nlp = spacy.load(pipeline)
     docs = read_docs(input_path, nlp, limit)
-    # user data holds the generators' raw mentions (Python objects), not part of the result
-    doc_bin = DocBin(store_user_data=False)
-    for pred in predict_docs(nlp, docs, batch_size):
+    doc_bin = DocBin(store_user_data=True)  # with the generators' mentions (doc._.llm_mentions)
+    for pred in tqdm(predict_docs(nlp, docs, batch_size), total=len(docs), unit="doc", disable=not progress):
         doc_bin.add(pred)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     doc_bin.to_disk(output_path)
     msg.good(f"Annotated {len(doc_bin)} documents with {pipeline}", str(output_path))
+    for name, component in nlp.pipeline:
+        stats = {k: v for k, v in sorted(getattr(component, "stats", {}).items()) if v}
+        if stats:
+            msg.info(f"{name}: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
