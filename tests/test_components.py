@@ -408,3 +408,16 @@ def test_flat_view_breaks_ties_between_types_by_score():
     assert [s.label_ for s in flat_view(spans, "longest")] == ["bod"]  # no scores: document order
     longer = doc.char_span(0, 6, label="pro")
     assert [s.label_ for s in flat_view(spans + [longer], "longest", [0.2, 0.9, 0.5, 0.1])] == ["pro"]
+
+
+def test_max_doc_chars_skips_and_counts_long_documents(tiny_dirs, caplog):
+    limited = make_pipeline(tiny_dirs["qwen2"], max_doc_chars=10)
+    plain = make_pipeline(tiny_dirs["qwen2"])
+    long_text = SENTENCES[0] * 3
+    docs = list(limited.pipe([long_text, SENTENCES[1]]))
+    assert list(docs[0].spans["sc"]) == [] and docs[0]._.llm_mentions["medllm_ner"] == []
+    assert span_tuples(docs[1]) == span_tuples(plain(SENTENCES[1]))
+    ner = limited.get_pipe("medllm_ner")
+    assert ner.stats["skipped_long_docs"] == 1 and ner.stats["prompts"] == len(CMEEE)
+    assert ner.stats["generated_tokens"] > 0
+    assert f"skipped a document of {len(long_text)} characters" in caplog.text

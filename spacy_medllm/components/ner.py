@@ -38,6 +38,8 @@ if not Doc.has_extension("llm_io"):
 # A base model whose weights are smaller than this is copied into a saved pipeline when
 # ``copy_base`` is left on "auto"; larger ones are referenced by path.
 AUTO_COPY_LIMIT_BYTES = 200 * 1024 * 1024
+# a batch with more prompts than this is logged with its size (long documents are costly)
+LONG_BATCH_PROMPTS = 1000
 # A custom prompt template is stored with the pipeline under this name.
 TEMPLATE_FILE = "template.jinja"
 
@@ -51,6 +53,7 @@ TEMPLATE_FILE = "template.jinja"
         "batch_size": 16,
         "max_new_tokens": 512,
         "max_chars": 256,
+        "max_doc_chars": None,
         "normalize": None,
         "constrained": True,
         "max_depth": 2,
@@ -70,6 +73,7 @@ def make_medllm_ner(
     batch_size: int,
     max_new_tokens: int,
     max_chars: Optional[int],
+    max_doc_chars: Optional[int],
     normalize: Optional[str],
     constrained: bool,
     max_depth: int,
@@ -81,6 +85,8 @@ def make_medllm_ner(
     """The generator. ``model``: where the base LM lives (``path = "embedded"`` is the tiny
     CMeEE model shipped with the package); ``adapter``: a peft adapter directory; ``strategy``
     and ``labels``: how to prompt and parse; ``max_chars``: shard longer texts at sentence ends;
+    ``max_doc_chars``: skip (and count) documents longer than this instead of spending a
+    prompt per type on each of their shards (null: no limit);
     ``normalize``: OpenCC configuration (e.g. "t2s") applied character by character;
     ``constrained``: copy-constrained decoding for the symbol strategy, with ``max_depth``,
     ``max_span_chars`` and ``open_bias`` (a logit bias on opening brackets, tuned on dev);
@@ -105,6 +111,7 @@ def make_medllm_ner(
         batch_size=batch_size,
         save_io=save_io,
         copy_base=copy_base,
+        max_doc_chars=max_doc_chars,
     )
 
 
@@ -120,6 +127,7 @@ class MedLLMNer:
         batch_size: int,
         save_io: bool,
         copy_base: Any,
+        max_doc_chars: Optional[int] = None,
     ) -> None:
         if copy_base not in (True, False, "auto"):
             raise ValueError(f"copy_base must be true, false or \"auto\", not {copy_base!r}")
@@ -131,6 +139,7 @@ class MedLLMNer:
         self.batch_size = batch_size
         self.save_io = save_io
         self.copy_base = copy_base
+        self.max_doc_chars = max_doc_chars
         self.stats: Counter = Counter()
         self._lm: Optional[LoadedLM] = None
         self._adapter_name: Optional[str] = None
@@ -176,14 +185,31 @@ class MedLLMNer:
             yield from self._process(list(docs))
 
     def _process(self, docs: List[Doc]) -> List[Doc]:
+        too_long = [doc for doc in docs if self.max_doc_chars and len(doc.text) > self.max_doc_chars]
+        for doc in too_long:
+            _mapping(doc, "llm_mentions")[self.name] = []
+            self.stats["skipped_long_docs"] += 1
+            logger.warning(
+                "%s: skipped a document of %d characters (max_doc_chars=%d)", self.name, len(doc.text), self.max_doc_chars
+            )
+        if too_long:
+            kept = [doc for doc in docs if doc not in too_long]
+            self._recognize(kept)
+            return docs
+        return self._recognize(docs)
+
+    def _recognize(self, docs: List[Doc]) -> List[Doc]:
         texts = [doc.text for doc in docs]
         generator = self.generator
         tokenizer = generator.tokenizer
         jobs = self.recognizer.plan(texts, lambda prompt: prompt.chat_text(tokenizer))
+        if len(jobs) > LONG_BATCH_PROMPTS:
+            logger.info("%s: %d prompts for %d documents (%d characters)", self.name, len(jobs), len(docs), sum(map(len, texts)))
         results = generator.generate([job.request for job in jobs], batch_size=self.batch_size) if jobs else []
         recognitions = self.recognizer.read(texts, jobs, results, save_io=self.save_io)
         self.stats["prompts"] += len(jobs)
         self.stats["forward_passes"] += sum(r.forward_passes for r in results)
+        self.stats["generated_tokens"] += sum(r.generated_tokens for r in results)
         for doc, rec in zip(docs, recognitions):
             _mapping(doc, "llm_mentions")[self.name] = stored_mentions(rec.mentions)
             if self.recognizer.normalize:
