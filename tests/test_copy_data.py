@@ -51,6 +51,15 @@ def test_copy_texts_mix_kinds_and_are_seeded():
         copy_texts(TEXTS, 4, {"nonsense": 1.0})
 
 
+def test_random_strings_from_the_most_frequent_characters_for_a_curriculum():
+    from collections import Counter
+
+    top = {ch for ch, _ in Counter("".join(TEXTS)).most_common(5)}
+    examples = copy_texts(TEXTS, 200, {"random": 1.0}, seed=1, random_alphabet=5)
+    assert all(set(e.text) <= top for e in examples)
+    assert set("".join(e.text for e in examples)) == top  # uniform over them: every one drawn
+
+
 def test_records_are_in_the_strategy_format_and_brackets_parse_back():
     strategy = SymbolStrategy(template=TEMPLATE)
     examples = copy_texts(TEXTS, 60, SHARES, seed=0)

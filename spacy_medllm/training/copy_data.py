@@ -87,17 +87,25 @@ def random_brackets(text: str, rng: random.Random, max_spans: int = 3, max_len: 
 
 
 def copy_texts(
-    texts: Sequence[str], n: int, shares: Dict[str, float], seed: int = 0
+    texts: Sequence[str], n: int, shares: Dict[str, float], seed: int = 0, random_alphabet: int = 0
 ) -> List[GoldText]:
     """``n`` copy examples drawn from ``texts`` by kind (see the module docstring); the
     gold mentions are the random brackets of ``bracketed`` examples (type ``mark``), and
-    a text without mentions is answered with the plain copy (type ``copy``)."""
+    a text without mentions is answered with the plain copy (type ``copy``).
+
+    ``random_alphabet`` > 0 draws the ``random`` strings uniformly from that many of the
+    corpus's most frequent characters instead of from all of them by frequency: the first
+    stage of a copy curriculum (benchmarks/copy_learning.py: a small model that never
+    learns to copy strings of 2,000 characters does once it has copied strings of 20)."""
     unknown = set(shares) - set(KINDS)
     if unknown or not texts or sum(shares.values()) <= 0:
         raise ValueError(f"Copy data: shares must weigh the kinds {KINDS} (got {shares}) over a non-empty corpus.")
     rng = random.Random(seed)
     counts = Counter("".join(texts))
-    alphabet, weights = zip(*counts.items())
+    if random_alphabet > 0:
+        alphabet, weights = tuple(ch for ch, _ in counts.most_common(random_alphabet)), None
+    else:
+        alphabet, weights = zip(*counts.items())
     pool = [c.text for t in texts for c in clauses(GoldText(t, (), "")) if c.text.strip()]
     kinds = rng.choices(list(shares), weights=list(shares.values()), k=n)
     out = []
@@ -135,9 +143,11 @@ def make_copy_records(
     shares: Dict[str, float] = {"real": 0.5, "random": 0.15, "shuffled": 0.2, "bracketed": 0.15},
     max_chars: int = 160,
     seed: int = 0,
+    random_alphabet: int = 0,
 ) -> List[ChatRecord]:
-    """``n`` copy pre-training records from the texts of the corpus files ``paths``."""
-    return copy_records(copy_texts(unlabelled_texts(paths, max_chars), n, shares, seed), strategy)
+    """``n`` copy pre-training records from the texts of the corpus files ``paths``
+    (``random_alphabet``: see :func:`copy_texts`)."""
+    return copy_records(copy_texts(unlabelled_texts(paths, max_chars), n, shares, seed, random_alphabet), strategy)
 
 
 class CopyEvaluator:
