@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import spacy
 import torch
-from spacy.tokens import Doc
 from spacy.training import Example
 
 from spacy_medllm.components.align import MedLLMAlign
@@ -80,7 +79,7 @@ def test_recognizer_counts_a_failing_parser_and_keeps_the_batch():
     rec = Recognizer(Fragile(), CMEEE, max_chars=None)
     texts = ["患者咳嗽。", "诊断为肺炎。"]
     jobs = rec.plan(texts, lambda p: p.user)
-    responses = ["boom" if j.text_index == 0 else f"疾病：诊断为[肺炎]。" for j in jobs]
+    responses = ["boom" if j.text_index == 0 else "疾病：诊断为[肺炎]。" for j in jobs]
     first, second = rec.read(texts, jobs, responses)
     assert first.discarded["parser_error"] == len(CMEEE) and not first.mentions
     assert [(m.start, m.end, m.label) for m in second.mentions if m.label == "dis"] == [(3, 5, "dis")]
