@@ -1,4 +1,5 @@
 """Small typed records shared by readers, strategies and components."""
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
@@ -46,6 +47,20 @@ def read_mentions(stored: Sequence[Union[Mention, Mapping[str, Any]]]) -> List[M
 
 
 _MENTION_FIELDS = tuple(f.name for f in fields(Mention))
+_OFFSET = re.compile(r"-?[0-9]{1,18}")
+
+
+def parse_offset(value: Any) -> Optional[int]:
+    """A character offset as a corpus file or a model wrote it: an integer, or a string of
+    ASCII digits (quoted offsets); anything else (booleans, ``32.7``, ``"²"``, ``"--2"``,
+    numbers longer than any text) is None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and _OFFSET.fullmatch(value.strip()):
+        return int(value.strip())
+    return None
 
 
 @dataclass

@@ -185,20 +185,21 @@ class MedLLMNer:
             yield from self._process(list(docs))
 
     def _process(self, docs: List[Doc]) -> List[Doc]:
-        too_long = [doc for doc in docs if self.max_doc_chars and len(doc.text) > self.max_doc_chars]
-        for doc in too_long:
-            _mapping(doc, "llm_mentions")[self.name] = []
-            self.stats["skipped_long_docs"] += 1
-            logger.warning(
-                "%s: skipped a document of %d characters (max_doc_chars=%d)", self.name, len(doc.text), self.max_doc_chars
-            )
-        if too_long:
-            kept = [doc for doc in docs if doc not in too_long]
+        kept = []
+        for doc in docs:
+            if self.max_doc_chars and len(doc.text) > self.max_doc_chars:
+                _mapping(doc, "llm_mentions")[self.name] = []
+                self.stats["skipped_long_docs"] += 1
+                logger.warning(
+                    "%s: skipped a document of %d characters (max_doc_chars=%d)", self.name, len(doc.text), self.max_doc_chars
+                )
+            else:
+                kept.append(doc)
+        if kept:
             self._recognize(kept)
-            return docs
-        return self._recognize(docs)
+        return docs
 
-    def _recognize(self, docs: List[Doc]) -> List[Doc]:
+    def _recognize(self, docs: List[Doc]) -> None:
         texts = [doc.text for doc in docs]
         generator = self.generator
         tokenizer = generator.tokenizer
@@ -221,7 +222,6 @@ class MedLLMNer:
                 self.stats[f"discarded_{reason}"] += n
             if rec.discarded:
                 logger.info("%s: discarded parts of responses for a doc: %s", self.name, dict(rec.discarded))
-        return docs
 
     # -- serialization -------------------------------------------------------------------
     def to_disk(self, path, *, exclude=tuple()) -> None:

@@ -167,7 +167,7 @@ class LoadedLM:
         adapter_config = _check_adapter_dir(adapter_dir, self.spec.use_safetensors)
         base_name = adapter_config.get("base_model_name_or_path")
         tokenizer = None
-        if any((adapter_dir / f).exists() for f in TOKENIZER_FILES):
+        if _has_tokenizer(adapter_dir):
             # the base's permission does not extend to a tokenizer shipped in the adapter folder
             trusted = self.spec.trust_remote_code and allowed_by_user(TRUST_REMOTE_CODE_ENV, adapter_dir)
             tokenizer = _load_tokenizer(adapter_dir, trusted)
@@ -379,12 +379,16 @@ def _check_model_dir(path: Path, spec: ModelSpec) -> Dict[str, Any]:
                 "if you trust its code, set trust_remote_code = true and allow it for this folder with "
                 f"{TRUST_REMOTE_CODE_ENV}={path} in the environment."
             )
-    if not any((path / name).exists() for name in TOKENIZER_FILES):
+    if not _has_tokenizer(path):
         raise MedLLMLoadError(
             f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): save the tokenizer with the "
             "model (tokenizer.save_pretrained(DIR)) or copy its files there."
         )
     return config
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / name).exists() for name in TOKENIZER_FILES)
 
 
 def _check_adapter_dir(path: Path, use_safetensors: bool) -> Dict[str, Any]:

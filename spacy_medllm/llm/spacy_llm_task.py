@@ -61,18 +61,24 @@ class MedLLMNERTask:
         if getattr(self.recognizer.strategy, "template", "own") is not None:
             return jobs
         # the strategy has no template: the model may prompt with the one it carries
-        return [replace(job, request=replace(job.request, with_template=self._rebuilder(doc, i))) for i, job in enumerate(jobs)]
+        plans: Dict[str, list] = {}  # the doc's jobs under each template, planned once
+        return [replace(job, request=replace(job.request, with_template=self._rebuilder(doc, i, plans))) for i, job in enumerate(jobs)]
 
-    def _rebuilder(self, doc: Doc, index: int) -> Callable[[str], GenerationRequest]:
+    def _rebuilder(self, doc: Doc, index: int, plans: Dict[str, list]) -> Callable[[str], GenerationRequest]:
         def with_template(template: str) -> GenerationRequest:
-            if template not in self._templated:
-                recognizer = copy(self.recognizer)
-                recognizer.strategy = copy(self.recognizer.strategy)
-                recognizer.strategy.use_template(template)
-                self._templated[template] = recognizer
-            return self._templated[template].plan([doc.text], lambda prompt: prompt.messages())[index].request
+            if template not in plans:
+                plans[template] = self._recognizer_with(template).plan([doc.text], lambda prompt: prompt.messages())
+            return plans[template][index].request
 
         return with_template
+
+    def _recognizer_with(self, template: str) -> Recognizer:
+        if template not in self._templated:
+            recognizer = copy(self.recognizer)
+            recognizer.strategy = copy(self.recognizer.strategy)
+            recognizer.strategy.use_template(template)
+            self._templated[template] = recognizer
+        return self._templated[template]
 
 
 @registry.llm_tasks("spacy_medllm.NERTask.v1")

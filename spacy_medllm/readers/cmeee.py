@@ -16,6 +16,7 @@ from typing import Any, Iterator, List, Optional, Tuple, Union
 from spacy.util import registry
 
 from .. import DEFAULT_SPANS_KEY
+from ..types import parse_offset
 from .base import BAD_JSON, BAD_RECORD, MALFORMED_ENTITY, Entity, ReadReport, Record, iter_json_lines, iter_lines
 from .corpus import MedCorpus
 
@@ -69,13 +70,10 @@ def _values(path: Path, report: ReadReport) -> Iterator[Tuple[int, Any, List[int
 
 
 def _offset(value: Any) -> int:
-    """A character offset as the file states it: an integer, or a string of digits (some
-    exports quote them); ``true`` or ``32.7`` are not offsets."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().isascii() and value.strip().lstrip("-").isdigit():
-        return int(value.strip())
-    raise ValueError(f"offset {value!r} is not an integer")
+    offset = parse_offset(value)
+    if offset is None:
+        raise ValueError(f"offset {value!r} is not an integer")
+    return offset
 
 
 def _entity(raw: Any, line: int, report: ReadReport) -> Optional[Entity]:

@@ -8,16 +8,14 @@ with the entity text give an offset mention; when they disagree but the text occ
 the source, the mention keeps the text and the stated start as ``hint`` for the aligner.
 """
 import json
-import re
 from typing import Any, Iterator, List, Optional, Sequence
 
 from spacy.util import registry
 
-from ..types import Mention, ParseResult
+from ..types import Mention, ParseResult, parse_offset
 from .base import NONE_WORDS, BaseStrategy, Prompt, cap_response, finish, mention_at, strip_code_fence
 
 _DECODER = json.JSONDecoder()
-_OFFSET = re.compile(r"-?[0-9]{1,18}")
 
 
 class JsonStrategy(BaseStrategy):
@@ -49,7 +47,7 @@ class JsonStrategy(BaseStrategy):
         if code is None:
             result.discard("unknown_label")
             return None
-        start, end = _as_int(item.get("start_idx")), _as_int(item.get("end_idx"))
+        start, end = parse_offset(item.get("start_idx")), parse_offset(item.get("end_idx"))
         entity = item.get("entity", item.get("text"))
         if not isinstance(entity, str):
             if entity is None and start is not None and end is not None and 0 <= start <= end < len(text):
@@ -60,18 +58,6 @@ class JsonStrategy(BaseStrategy):
         if start is None or end is None:
             start = end = -1
         return mention_at(text, code, start, end + 1, entity, result)
-
-
-def _as_int(value: Any) -> Optional[int]:
-    """An offset the model wrote as a number or a string of ASCII digits; anything else
-    (booleans, ``"²"``, ``"--2"``, numbers longer than any text) is not an offset."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and _OFFSET.fullmatch(value.strip()):
-        return int(value.strip())
-    return None
 
 
 def _json_items(response: str, result: ParseResult) -> Iterator[Any]:

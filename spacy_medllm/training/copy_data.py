@@ -95,8 +95,7 @@ def copy_texts(
 
     ``random_alphabet`` > 0 draws the ``random`` strings uniformly from that many of the
     corpus's most frequent characters instead of from all of them by frequency: the first
-    stage of a copy curriculum (benchmarks/copy_learning.py: a small model that never
-    learns to copy strings of 2,000 characters does once it has copied strings of 20)."""
+    stage of a copy curriculum (benchmarks/copy_learning.py measures when one helps)."""
     unknown = set(shares) - set(KINDS)
     if unknown or not texts or sum(shares.values()) <= 0:
         raise ValueError(f"Copy data: shares must weigh the kinds {KINDS} (got {shares}) over a non-empty corpus.")
