@@ -152,9 +152,10 @@ def config(**kwargs):
     return SFTConfig(**settings)
 
 
-def test_tiny_llm_classifier_markers_training_and_round_trip(tmp_path):
+def test_tiny_llm_classifier_markers_training_and_round_trip(tmp_path, capsys):
     records = toy_records()
-    result = train_classifier(make_tiny_llm_classifier(**TINY), records, records[:16], LABELS, config(epochs=5), tmp_path)
+    result = train_classifier(make_tiny_llm_classifier(**TINY), records, records[:16], LABELS, config(epochs=5, progress_bar=True), tmp_path)
+    assert "train-cls: 100%" in capsys.readouterr().err
     clf = result.classifier
     # markers: special tokens after the base vocabulary, each with a trained embedding row
     open_id, close_id = clf.tokenizer.convert_tokens_to_ids(list(MARKERS))
@@ -262,7 +263,7 @@ def _candidates(doc: Doc) -> Doc:
     return doc
 
 
-def test_calibrate_pipeline_and_component():
+def test_calibrate_pipeline_and_component(capsys):
     nlp = spacy.blank("zh")
     nlp.add_pipe("test_cls_candidates")
     flt = nlp.add_pipe("medllm_cls", config={"threshold": 0.7})
@@ -270,7 +271,9 @@ def test_calibrate_pipeline_and_component():
     flt.score_docs = lambda docs: [fixed for _ in docs]  # the hand case of test_best_threshold
     gold = make_doc(nlp, "患者高热头痛", [(0, 2, "sym"), (2, 3, "dis"), (1, 3, "sym")], sents=(0,))
     examples = [Example(nlp.make_doc(gold.text), gold)]
-    result = calibrate(nlp, examples)
+    result = calibrate(nlp, examples, progress=True)
+    bar = capsys.readouterr().err
+    assert "calibrate: 100%" in bar and "1/1" in bar
     assert result.threshold == pytest.approx(0.45)
     # kept 0.9 (gold), 0.8, 0.6 (gold) of 3 gold; without the filter also 0.3
     assert result.filtered == pytest.approx((2 / 3, 2 / 3, 2 / 3))

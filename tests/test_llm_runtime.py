@@ -413,3 +413,35 @@ def test_spacy_llm_component_with_our_model(models, tmp_path):
     nlp2.to_disk(tmp_path / "pipeline")
     reloaded = spacy.load(tmp_path / "pipeline")
     assert [reloaded(t)._.llm_reply for t in texts] == [r.text for r in expected2]
+
+
+def test_decoders_pass_the_cache_under_its_current_name(models):
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` and warns on every run that
+    uses the old name; plain and copy-constrained decoding must use the new one."""
+    from spacy_medllm.types import CopyConstraint
+
+    lm = load_lm(ModelSpec(models["qwen2"], dtype="float32", device="cpu"))
+    seen = []
+
+    def recording(module):
+        forward = module.forward
+
+        def record(*args, **kwargs):
+            seen.append((module is lm.model, set(kwargs)))
+            return forward(*args, **kwargs)
+
+        return record
+
+    # plain decoding calls the causal LM; the constrained decoder calls the layers below its head
+    modules = (lm.model, lm.model.model)
+    for module in modules:
+        module.forward = recording(module)
+    try:
+        requests = [*_requests()[:2], GenerationRequest(PROMPTS[1], constraint=CopyConstraint(source=PROMPTS[1]), chat=True)]
+        results = HFGenerator(lm).generate(requests, batch_size=3)
+    finally:
+        for module in modules:
+            del module.forward
+    assert {top for top, _ in seen} == {True, False}
+    assert all("cache" in keys and "past_key_values" not in keys for _, keys in seen)
+    assert results[2].generated_tokens > 0

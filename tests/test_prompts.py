@@ -253,6 +253,7 @@ def test_build_instructions_cli(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf8", timeout=300)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert f"records {8 * 9}, docs 8, entities {n_entities}, chars" in proc.stdout
+    assert "8/8" in proc.stderr and "doc/s" in proc.stderr  # the progress bar
     alpaca = list(srsly.read_jsonl(out / "train.symbol.alpaca.jsonl"))
     messages = list(srsly.read_jsonl(out / "train.symbol.messages.jsonl"))
     assert len(alpaca) == len(messages) == 72

@@ -637,6 +637,7 @@ def test_convert_cli_round_trip(converted, asset):
     key = opts["spans_key"]
     expected, report = _read(ASSETS / asset, converter, **opts)
     assert f"{report.documents} documents" in stdout and f"{report.entities} entities" in stdout
+    assert f"{report.shards}doc" in stdout.replace(" ", "") and "doc/s" in stdout  # the progress bar
     vocab = Vocab()
     loaded = list(DocBin().from_disk(output).get_docs(vocab))
     assert len(loaded) == len(expected) == report.shards

@@ -249,10 +249,12 @@ def test_qlora_on_a_4bit_qwen2_base_reloads_and_generates(tmp_path):
 def test_evaluator_scores_strict_micro_f1_by_hand():
     strategy, scheme = SymbolStrategy(template=str(TEMPLATE)), get_scheme("cmeee")
     examples = [DevExample(t, frozenset(CharSpan(s, e, lab) for lab, s, e in ents)) for t, ents in TEXTS[:2]]
-    evaluator = GenerationEvaluator(examples, strategy, scheme, constrained=False)
+    evaluator = GenerationEvaluator(examples, strategy, scheme, constrained=False, batch_size=1)
+    calls = []
 
     class Echo:  # answers every prompt with the gold target, except one missed entity
         def generate(self, requests, batch_size=8):
+            calls.append(len(requests))
             out = []
             for r in requests:
                 text, asked = r.prompt[-1]["content"].split("\n")
@@ -267,6 +269,8 @@ def test_evaluator_scores_strict_micro_f1_by_hand():
     assert (scores["n_gold"], scores["n_pred"]) == (4, 3)
     assert scores["p"] == 1.0 and scores["r"] == 0.75 and abs(scores["f"] - 6 / 7) < 1e-9
     assert not discarded
+    # the 18 prompts go out in chunks of 8 batches, between which the progress bar moves
+    assert calls == [8, 8, 2]
     assert place_mention(Mention("sym", "头痛", hint=2), "头痛头痛", "nearest", Counter()) == [(2, 4)]
 
 

@@ -11,6 +11,7 @@ from spacy.cli._util import Arg, Opt
 from spacy.tokens import Doc, DocBin
 from spacy.util import registry
 from spacy.vocab import Vocab
+from tqdm import tqdm
 from wasabi import msg
 
 from .. import DEFAULT_SPANS_KEY
@@ -108,6 +109,7 @@ def build_instructions_cli(
     demos: Optional[Path] = Opt(None, "--demos", help="incontext: .spacy file to retrieve demonstrations from"),
     base: str = Opt("json", "--base", help="incontext: the strategy that gives the answer format"),
     k: int = Opt(3, "--k", help="incontext: demonstrations per prompt"),
+    progress: bool = Opt(True, "--progress/--no-progress", help="Show a progress bar (documents, rate, ETA)"),
     # fmt: on
 ):
     """Write OUTPUT_DIR/<stem>.<strategy>.alpaca.jsonl and .messages.jsonl from gold docs."""
@@ -121,7 +123,8 @@ def build_instructions_cli(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), trust_remote_code=False)
-    docs = DocBin().from_disk(input_path).get_docs(Vocab())
+    doc_bin = DocBin().from_disk(input_path)
+    docs = tqdm(doc_bin.get_docs(Vocab()), total=len(doc_bin), unit="doc", desc="build-instructions", disable=not progress)
     alpaca, messages, stats = build_records(docs, chosen, label_scheme, spans_key, tokenizer)
     output_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{input_path.stem}.{chosen.name}"

@@ -19,6 +19,7 @@ def calibrate_cls_cli(
     dev_path: Path = Arg(..., help="Gold dev documents (.spacy)", exists=True, dir_okay=False),
     component: Optional[str] = Opt(None, "--component", "-c", help="Name of the filter (default: the only medllm_cls)"),
     output: Optional[Path] = Opt(None, "--output", "-o", help="Save the pipeline with the calibrated threshold here (may be PIPELINE)", file_okay=False),
+    progress: bool = Opt(True, "--progress/--no-progress", help="Show a progress bar (dev documents, rate, ETA)"),
     # fmt: on
 ):
     """Run the dev texts through the pipeline up to the filter, scoring every candidate,
@@ -32,7 +33,7 @@ def calibrate_cls_cli(
     gold = list(DocBin().from_disk(dev_path).get_docs(nlp.vocab))
     examples = [Example(nlp.make_doc(doc.text), doc) for doc in gold]
     try:
-        result = calibrate(nlp, examples, flt.name)
+        result = calibrate(nlp, examples, flt.name, progress=progress)
     except ValueError as err:
         msg.fail("Cannot calibrate", str(err), exits=1)
     threshold = result.threshold

@@ -6,6 +6,7 @@ from typing import List, Optional, Tuple
 from spacy.cli._util import Arg, Opt
 from spacy.tokens import DocBin
 from spacy.vocab import Vocab
+from tqdm import tqdm
 from wasabi import msg
 
 from .. import DEFAULT_SPANS_KEY
@@ -24,6 +25,7 @@ def convert(
     flat_policy: str = "longest",
     normalize: Optional[str] = None,
     max_chars: Optional[int] = None,
+    progress: bool = False,
 ) -> Tuple[Path, ReadReport, str]:
     """Write ``output_dir/<input stem>.spacy`` (user data stored); returns its path, the read
     report and the converter used (guessed from the content when ``converter`` is None)."""
@@ -43,6 +45,7 @@ def convert(
         max_chars=max_chars,
         reports=reports,
     )
+    docs = tqdm(docs, unit="doc", desc=f"convert {input_path.name}", disable=not progress)
     doc_bin = DocBin(store_user_data=True, docs=docs)
     output_dir.mkdir(parents=True, exist_ok=True)
     output_path = output_dir / f"{input_path.stem}.spacy"
@@ -86,13 +89,14 @@ def convert_cli(
         None, "--normalize", "-n", help="OpenCC conversion applied character by character, e.g. t2s"
     ),
     max_chars: Optional[int] = Opt(None, "--max-chars", "-m", help="Shard texts longer than this at sentence ends"),
+    progress: bool = Opt(True, "--progress/--no-progress", help="Show a progress bar (documents read, rate)"),
 ):
     """Convert a medical NER corpus (CMeEE/CBLUE JSON, CCKS 2019 JSON lines, character BIO,
     HealthNER JSON lines, CoNLL IOB) to spaCy's binary format: nested entities in
     doc.spans[spans_key], the flat view in doc.ents. Broken input is counted and reported."""
     try:
         output_path, report, name = convert(
-            input_file, output_dir, converter, spans_key, flat_policy, normalize, max_chars
+            input_file, output_dir, converter, spans_key, flat_policy, normalize, max_chars, progress
         )
     except ValueError as err:
         msg.fail(str(err), exits=1)

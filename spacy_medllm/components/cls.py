@@ -24,6 +24,7 @@ from spacy.language import Language
 from spacy.tokens import Doc
 from spacy.training import Example
 from spacy.util import minibatch
+from tqdm import tqdm
 
 from .. import DEFAULT_SPANS_KEY
 from ..llm.cls_head import SpanClassifier, load_classifier
@@ -235,6 +236,7 @@ def calibrate(
     nlp_or_component: Union[Language, MedLLMClassifierFilter],
     dev_examples: Iterable[Example],
     name: Optional[str] = None,
+    progress: bool = False,
 ) -> Calibration:
     """The threshold of the filter that maximises strict F1 on ``dev_examples``, with the
     scores at that threshold and without the filter.
@@ -259,7 +261,7 @@ def calibrate(
     try:
         if isinstance(nlp_or_component, Language):
             with nlp.select_pipes(disable=after):
-                docs = list(nlp.pipe(texts))
+                docs = list(tqdm(nlp.pipe(texts), total=len(texts), unit="doc", desc="calibrate", disable=not progress))
         else:
             docs = list(component.pipe(eg.predicted.copy() for eg in examples))
     finally:

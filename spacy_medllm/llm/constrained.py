@@ -509,7 +509,7 @@ class _Batch:
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             position_ids=positions.to(device),
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=True,
         )
         rows = torch.tensor([r for r, _ in select], dtype=torch.long, device=device)

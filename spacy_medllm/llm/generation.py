@@ -294,11 +294,11 @@ class HFGenerator:
                     input_ids=step_input.to(device),
                     attention_mask=mask.to(device),
                     position_ids=positions.to(device),
-                    past_key_values=cache,
+                    cache=cache,
                     use_cache=True,
                     logits_to_keep=1,
                 )
-                cache = output.past_key_values
+                cache = output.cache
                 logprobs = torch.log_softmax(output.logits[:, -1, :].float().cpu(), dim=-1)
                 chosen = logprobs.argmax(dim=-1)
                 for r in torch.nonzero(alive).flatten().tolist():

@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import srsly
 from spacy.util import registry
+from tqdm import tqdm
 from wasabi import msg
 
 from ..embedded import EMBEDDED, resolve_model_path
@@ -297,6 +298,7 @@ def train_classifier(
 
     classifier.train()
     step, epoch, window = 0, 0, []
+    bar = tqdm(total=total_steps, disable=not config.progress_bar, dynamic_ncols=True, unit="step", desc="train-cls")
     while step < total_steps:
         batches = batches_of(epoch)
         groups = [batches[i : i + config.grad_accum] for i in range(0, len(batches), config.grad_accum)]
@@ -315,13 +317,17 @@ def train_classifier(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            bar.update(1)
             result.losses.append(loss_value)
             window.append(loss_value)
             if step % config.log_every == 0 or step == total_steps:
                 entry = {"step": step, "epoch": epoch, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
                          "elapsed_s": time.perf_counter() - start_time}
                 log(entry)
-                msg.text(f"step {step}/{total_steps} epoch {epoch} loss {entry['loss']:.4f} lr {entry['lr']:.2e}")
+                if config.progress_bar:
+                    bar.set_postfix(loss=f"{entry['loss']:.4f}", epoch=epoch)
+                else:
+                    msg.text(f"step {step}/{total_steps} epoch {epoch} loss {entry['loss']:.4f} lr {entry['lr']:.2e}")
                 window = []
             if step >= total_steps:
                 break
@@ -329,6 +335,7 @@ def train_classifier(
                 run_evaluation(step, epoch)
         epoch += 1
         run_evaluation(step, epoch)
+    bar.close()
     log_file.close()
     classifier.eval()
     result.seconds = time.perf_counter() - start_time

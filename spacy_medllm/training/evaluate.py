@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import srsly
 from spacy.util import registry
+from tqdm import tqdm
 
 from .. import DEFAULT_SPANS_KEY
 from ..labels import LabelScheme, get_scheme
@@ -28,6 +29,7 @@ from ..strategies.base import Strategy
 from .sft_data import read_gold_texts
 
 ADAPTER_NAME = "sft"
+EVAL_CHUNK_BATCHES = 8  # batches of prompts per generation call between progress updates
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class GenerationEvaluator:
         max_depth: int = 2,
         max_span_chars: int = 30,
         base: Optional[ModelSpec] = None,
+        progress_bar: bool = True,
     ) -> None:
         if not examples:
             raise ValueError("The dev set is empty.")
@@ -100,6 +103,7 @@ class GenerationEvaluator:
         self.max_new_tokens = max_new_tokens
         self.limits = {"max_depth": max_depth, "max_span_chars": max_span_chars}
         self.base = base
+        self.progress_bar = progress_bar
 
     def __call__(self, model_dir: Union[str, Path]) -> Dict[str, Any]:
         start = time.perf_counter()
@@ -127,7 +131,14 @@ class GenerationEvaluator:
             **self.limits,
         )
         jobs = recognizer.plan(texts, lambda prompt: prompt.messages())
-        results = generator.generate([job.request for job in jobs], batch_size=self.batch_size)
+        requests = [job.request for job in jobs]
+        # several batches per call keep the continuous batching full; the bar shows at a terminal only
+        chunk = EVAL_CHUNK_BATCHES * self.batch_size
+        results = []
+        with tqdm(total=len(requests), unit="prompt", desc="dev evaluation", disable=None if self.progress_bar else True) as bar:
+            for i in range(0, len(requests), chunk):
+                results += generator.generate(requests[i : i + chunk], batch_size=self.batch_size)
+                bar.update(len(requests[i : i + chunk]))
         predictions, discarded = [], Counter()
         for text, recognition in zip(texts, recognizer.read(texts, jobs, results)):
             discarded.update(recognition.discarded)
@@ -168,6 +179,7 @@ def make_generation_evaluator(
     max_depth: int = 2,
     max_span_chars: int = 30,
     base: Optional[ModelSpec] = None,
+    progress_bar: bool = True,
 ) -> GenerationEvaluator:
     """The default dev evaluator (``[evaluation]`` block of a ``train-llm`` config).
 
@@ -184,6 +196,7 @@ def make_generation_evaluator(
         max_depth=max_depth,
         max_span_chars=max_span_chars,
         base=base,
+        progress_bar=progress_bar,
     )
 
 
