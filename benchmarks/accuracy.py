@@ -11,6 +11,7 @@ recall is capped by the nesting) and flat (`doc.ents`).
     python benchmarks/accuracy.py                      # spaCy ner (cached) vs the embedded model
     python benchmarks/accuracy.py --filter training/cls_embedded/model-best
     python benchmarks/accuracy.py --spacy-minutes 60 --dev-size 500
+    python benchmarks/accuracy.py --dev-start 1000 --dev-size 300 --open-bias 0 -1 -2   # tune open_bias
 
 The dev sentences scored are ``--dev-start`` .. + ``--dev-size`` of CMeEE dev (by default
 the last 500, away from the first dev texts the generator's training selects on).
@@ -153,6 +154,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--spacy-minutes", type=float, default=30.0, help="wall-clock budget of spaCy ner's training")
     parser.add_argument("--cache", type=Path, default=ROOT / "training" / "accuracy" / "spacy_ner")
     parser.add_argument("--generator", default="embedded", help="the generator of configs/pipeline_tiny.cfg")
+    parser.add_argument("--open-bias", type=float, nargs="+", default=None, help="score the generator at each of these open_bias values (tuning on dev sentences away from the reported ones)")
     parser.add_argument("--filter", default=None, help="a trained LLM-CLS filter: also score configs/pipeline_tiny_cls.cfg")
     parser.add_argument("--threshold", type=float, default=None, help="the filter's calibrated threshold")
     parser.add_argument("--threads", type=int, default=2)
@@ -169,8 +171,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     generator = {"paths.generator": args.generator}
     systems = [
         (f"spaCy ner ({record['minutes']:.0f} min, {record['epochs']} epochs)", "spacy", str(args.cache / "model"), {}),
-        ("embedded generator", "config", "configs/pipeline_tiny.cfg", generator),
     ]
+    if args.open_bias is None:
+        systems.append(("embedded generator", "config", "configs/pipeline_tiny.cfg", generator))
+    for bias in args.open_bias or ():
+        overrides = {**generator, "components.ner.open_bias": bias}
+        systems.append((f"embedded generator (open_bias {bias:g})", "config", "configs/pipeline_tiny.cfg", overrides))
     if args.filter:
         overrides = {**generator, "paths.classifier": args.filter}
         if args.threshold is not None:

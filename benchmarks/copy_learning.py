@@ -1,13 +1,16 @@
-"""How fast a small model learns to copy text it has never seen, by alphabet size.
+"""How fast a small model learns to copy text it has never seen, by alphabet size and setup.
 
 Trains a randomly initialised tiny Qwen2 on copy records (the symbol strategy's ``原文``
 prompt, spacy_medllm.training.copy_data) of random strings drawn from the N most frequent
-CMeEE characters, and prints, per N, the answer loss and the share of unseen strings that
-free greedy generation copies exactly at each evaluation. The embedded model's copy stage
-depends on this: a character-level model has thousands of characters to copy.
+CMeEE characters, and prints, per N and variant, the answer loss and the share of unseen
+strings that free greedy generation copies exactly at each evaluation. The embedded model's
+copy stage depends on this: a character-level model has thousands of characters to copy.
+A variant is ``tied`` or ``untied`` (input embedding shared with the output layer or not)
+and ``chatml`` or ``plain`` (the ChatML prompt, or no role markers between the source and
+its copy: configs/templates/chat_plain.jinja with copy_plain.zh.jinja).
 
-    python benchmarks/copy_learning.py                      # alphabets 20, 200, 2000
-    python benchmarks/copy_learning.py --alphabets 20 2000 --steps 1800 --hidden 128
+    python benchmarks/copy_learning.py --alphabets 2000 --hidden 192 --layers 3 --steps 1500 \
+        --variants untied-chatml tied-chatml tied-plain
     python benchmarks/copy_learning.py --alphabets 2000 --start-alphabet 20 --steps 6000   # a curriculum
 """
 import argparse
@@ -18,9 +21,10 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = ("untied-chatml", "tied-chatml", "tied-plain", "untied-plain")
 
 
-def run(alphabet, steps, hidden, layers, seed, workdir, start_alphabet=0):
+def run(alphabet, steps, hidden, layers, seed, workdir, start_alphabet=0, variant="untied-chatml", lengths=(4, 12)):
     import torch
 
     from spacy_medllm.llm.loader import ModelSpec, clear_cache
@@ -34,11 +38,17 @@ def run(alphabet, steps, hidden, layers, seed, workdir, start_alphabet=0):
     rng = random.Random(seed)
 
     def string(chars=alphabet):
-        return "".join(rng.choice(chars) for _ in range(rng.randint(4, 12)))
+        return "".join(rng.choice(chars) for _ in range(rng.randint(*lengths)))
 
-    strategy = SymbolStrategy(str(ROOT / "configs" / "templates" / "symbol_tiny.zh.jinja"))
+    tie, layout = variant.split("-")
+    templates = ROOT / "configs" / "templates"
+    strategy = SymbolStrategy(str(templates / ("copy_plain.zh.jinja" if layout == "plain" else "symbol_tiny.zh.jinja")))
     tokenizer = build_char_tokenizer("".join(alphabet) + "原文随机：[]")
-    config = TinyModelConfig(hidden=hidden, layers=layers, heads=4, kv_heads=2, intermediate=2 * hidden, seed=seed)
+    if layout == "plain":
+        tokenizer.chat_template = (templates / "chat_plain.jinja").read_text(encoding="utf8")
+    config = TinyModelConfig(
+        hidden=hidden, layers=layers, heads=4, kv_heads=2, intermediate=2 * hidden, seed=seed, tie_embeddings=tie == "tied"
+    )
     base = workdir / "base"
     build_tiny_model(tokenizer, config).save_pretrained(base)
     tokenizer.save_pretrained(base)
@@ -73,6 +83,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lengths", type=int, nargs=2, default=[4, 12], metavar=("MIN", "MAX"), help="string lengths")
+    parser.add_argument("--variants", nargs="+", default=["untied-chatml"], choices=VARIANTS)
     parser.add_argument("--start-alphabet", type=int, default=0, help="curriculum: the first half of the steps copies only this many characters")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cmeee" / "CMeEE_train.json")
     args = parser.parse_args()
@@ -80,16 +92,18 @@ def main() -> None:
     ranked = [ch for ch, _ in counts.most_common()]
     rows = []
     for n in args.alphabets:
-        with tempfile.TemporaryDirectory() as tmp:
-            rows.append((n, run(ranked[:n], args.steps, args.hidden, args.layers, args.seed, Path(tmp), args.start_alphabet)))
+        for variant in args.variants:
+            with tempfile.TemporaryDirectory() as tmp:
+                result = run(ranked[:n], args.steps, args.hidden, args.layers, args.seed, Path(tmp), args.start_alphabet, variant, args.lengths)
+                rows.append((n, variant, result))
     print(f"tiny Qwen2 (hidden {args.hidden}, {args.layers} layers), batch 16, lr 2e-3, {args.steps} steps, "
-          "random strings of 4-12 characters; 50 unseen strings per evaluation"
+          f"random strings of {args.lengths[0]}-{args.lengths[1]} characters; 50 unseen strings per evaluation"
           + (f"; the first {args.steps // 2} steps copy only the {args.start_alphabet} most frequent characters" if args.start_alphabet else ""))
-    print("| alphabet | answer loss by sixth of training | exact copies of unseen strings, by step |")
-    print("|---|---|---|")
-    for n, row in rows:
+    print("| alphabet | variant | answer loss by sixth of training | exact copies of unseen strings, by step |")
+    print("|---|---|---|---|")
+    for n, variant, row in rows:
         exact = ", ".join(f"{step}: {value:.2f}" for step, value in row["copy_exact"].items())
-        print(f"| {n} | {' → '.join(str(x) for x in row['loss'])} | {exact} |")
+        print(f"| {n} | {variant} | {' → '.join(str(x) for x in row['loss'])} | {exact} |")
 
 
 if __name__ == "__main__":

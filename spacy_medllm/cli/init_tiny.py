@@ -21,6 +21,7 @@ def init_tiny_cli(
     intermediate: int = Opt(512, "--intermediate", help="MLP intermediate size"),
     max_positions: int = Opt(4096, "--max-positions", help="Maximum sequence length"),
     seed: int = Opt(0, "--seed", help="Seed of the random initialisation"),
+    tie_embeddings: bool = Opt(True, "--tie-embeddings/--untie-embeddings", help="Share the input embedding and the output layer (what lets a small model learn to copy)"),
     # fmt: on
 ):
     """Build a character-level tokenizer (ChatML special tokens and chat template) from the
@@ -34,6 +35,7 @@ def init_tiny_cli(
         config = TinyModelConfig(
             arch=arch, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
             intermediate=intermediate, max_positions=max_positions, seed=seed,
+            tie_embeddings=tie_embeddings,
         )
         model = init_tiny(output_dir, corpus, config)
     except ValueError as err:
