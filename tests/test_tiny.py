@@ -174,6 +174,7 @@ def test_init_tiny_cli(tmp_path):
     assert "Saved a tiny llama model" in done.stdout
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and config["hidden_size"] == 32
+    assert config["tie_word_embeddings"] is True  # the CLI ties: what lets a small model copy
     tok = AutoTokenizer.from_pretrained(out)
     assert config["vocab_size"] == len(tok)
     ccks_text = unicodedata.normalize("NFC", read_corpus_text([ASSETS / "ccks2019_sample.txt"]))
@@ -191,3 +192,41 @@ def test_init_tiny_cli_rejects_a_bad_architecture(tmp_path):
     assert result.exit_code == 1
     assert "Unknown tiny architecture" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_tied_model_stays_tied_through_save_and_load(char_tok, tmp_path):
+    """One matrix embeds and unembeds, after a round trip through disk too."""
+    shape = dict(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64)
+    tied = build_tiny_model(char_tok, TinyModelConfig(**shape, tie_embeddings=True))
+    untied = build_tiny_model(char_tok, TinyModelConfig(**shape))
+    saved = sum(p.numel() for p in untied.parameters()) - sum(p.numel() for p in tied.parameters())
+    assert saved == len(char_tok) * 32  # the output layer is the embedding
+    tied.save_pretrained(tmp_path / "tied")
+    char_tok.save_pretrained(tmp_path / "tied")
+    model = load_lm(ModelSpec(str(tmp_path / "tied"), device="cpu")).model
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert (model.get_input_embeddings().weight == tied.get_input_embeddings().weight).all()
+
+
+def test_embedded_model_prompts_without_role_markers():
+    """The shipped model learned to copy in chat_plain.jinja: prompt, newline, then the answer;
+    training splits such a record into prompt and answer exactly where generation starts."""
+    from spacy_medllm.embedded import EMBEDDED_DIR
+    from spacy_medllm.labels import get_scheme
+    from spacy_medllm.strategies.symbol import SymbolStrategy
+    from spacy_medllm.training.sft_data import ChatRecord, encode_chat
+    from spacy_medllm.types import Mention
+
+    lm = load_lm(ModelSpec("embedded", device="cpu"))
+    shipped = (EMBEDDED_DIR / "chat_template.jinja").read_text(encoding="utf8")
+    assert shipped == (Path(__file__).resolve().parents[1] / "configs" / "templates" / "chat_plain.jinja").read_text(encoding="utf8")
+    strategy = SymbolStrategy(str(EMBEDDED_DIR / "prompt_template.jinja"))
+    text = "患者头痛"
+    prompt = strategy.prompt(text, get_scheme("cmeee"), "sym")
+    answer = strategy.render_target(text, [Mention("sym", "头痛", 2, 4)], prompt)
+    messages = prompt.messages(answer)
+    assert lm.tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True) == f"{IM_START}{text}\n临床表现\n"
+    record = ChatRecord(tuple((m["role"], m["content"]) for m in messages), "t", 1)
+    encoded = encode_chat(lm.tokenizer, record, [lm.tokenizer.convert_tokens_to_ids(IM_END)])
+    learned = [t for t, label in zip(encoded.input_ids, encoded.labels) if label != -100]
+    assert lm.tokenizer.decode(learned) == "临床表现：患者[头痛]" + IM_END
