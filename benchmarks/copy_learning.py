@@ -9,8 +9,8 @@ A variant is ``tied`` or ``untied`` (input embedding shared with the output laye
 and ``chatml`` or ``plain`` (the ChatML prompt, or no role markers between the source and
 its copy: configs/templates/chat_plain.jinja with copy_plain.zh.jinja).
 
-    python benchmarks/copy_learning.py --alphabets 2000 --hidden 192 --layers 3 --steps 1500 \
-        --variants untied-chatml tied-chatml tied-plain
+    python benchmarks/copy_learning.py --alphabets 2000 --hidden 192 --layers 3 --steps 3000 \
+        --lengths 16 32 --variants untied-plain tied-plain
     python benchmarks/copy_learning.py --alphabets 2000 --start-alphabet 20 --steps 6000   # a curriculum
 """
 import argparse

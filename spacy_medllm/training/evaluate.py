@@ -137,8 +137,9 @@ class GenerationEvaluator:
         results = []
         with tqdm(total=len(requests), unit="prompt", desc="dev evaluation", disable=None if self.progress_bar else True) as bar:
             for i in range(0, len(requests), chunk):
-                results += generator.generate(requests[i : i + chunk], batch_size=self.batch_size)
-                bar.update(len(requests[i : i + chunk]))
+                part = requests[i : i + chunk]
+                results += generator.generate(part, batch_size=self.batch_size)
+                bar.update(len(part))
         predictions, discarded = [], Counter()
         for text, recognition in zip(texts, recognizer.read(texts, jobs, results)):
             discarded.update(recognition.discarded)
