@@ -275,7 +275,7 @@ def main():
     strategy, rows = build_rows(examples, tokenizer, template)
     from spacy_medllm.llm.generation import stop_token_ids
 
-    eos = stop_token_ids(tokenizer, model)
+    eos = stop_token_ids(tokenizer, model.generation_config)
     if args.overfit_steps:
         loss, seconds = overfit(model, tokenizer, rows, eos, args.overfit_steps)
         described += (

@@ -495,3 +495,43 @@ def test_generator_runtime_symbol_requests_and_prompt_lookup(tmp_path, char_tok)
             assert a.logprobs == pytest.approx(b.logprobs, abs=1e-6)
     finally:
         clear_cache()
+
+
+@pytest.mark.parametrize("text_mass,open_bias", [(True, 0.0), (False, 0.0), (True, -1.0)])
+def test_copy_rule_step_by_step_equals_the_decoder(char_tok, text_mass, open_bias):
+    """What a model server's sampler runs (one position at a time, no cache, the rule
+    choosing from full logits) gives the decoder's answers token for token."""
+    from dataclasses import replace
+
+    from spacy_medllm.llm.constrained import CopyRule
+
+    model = _model(char_tok, "qwen2", 5)
+    prompts, constraints = _rows(char_tok, _sentences(2))
+    constraints = [replace(c, text_mass=text_mass, open_bias=open_bias) for c in constraints]
+    expected, _ = _decode(model, char_tok, prompts, constraints)
+    rule = CopyRule(char_tok, [char_tok.eos_token_id])
+    cursors = [rule.start(c) for c in constraints]
+    outputs = [[] for _ in prompts]
+    alive = list(range(len(prompts)))
+    with torch.no_grad():
+        while alive:
+            logits = torch.stack([model(torch.tensor([prompts[r] + outputs[r]])).logits[0, -1] for r in alive])
+            chosen = rule.choose(logits, [cursors[r] for r in alive])
+            for r, token in zip(list(alive), chosen):
+                assert rule.take(cursors[r], token)
+                outputs[r].append(token)
+                if token == char_tok.eos_token_id:
+                    alive.remove(r)
+    assert outputs == [row.token_ids for row in expected]
+    assert not rule.take(cursors[0], char_tok.eos_token_id)  # nothing is legal after the end
+
+
+def test_copy_request_arg_round_trip_and_refusals():
+    from spacy_medllm.llm.constrained import copy_request_arg, read_copy_request_arg
+
+    constraint = CopyConstraint(source="发热\"[x]\n", forced_prefix="疾病：", max_span_chars=5, text_mass=False, open_bias=-0.5)
+    assert read_copy_request_arg(copy_request_arg(constraint, [3, 1, 3])) == (constraint, (1, 3))
+    for bad in ("", "{}", '{"constraint": {"source": "a"}, "eos": []}', '{"constraint": {"sauce": "a"}, "eos": [1]}',
+                '{"constraint": {"source": "a", "max_depth": -1}, "eos": [1]}'):
+        with pytest.raises(ValueError):
+            read_copy_request_arg(bad)

@@ -11,7 +11,7 @@ import logging
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
 
 from spacy.language import Language
 from spacy.tokens import Doc
@@ -21,6 +21,7 @@ from ..embedded import resolve_model_path
 from ..labels import LabelScheme
 from ..llm.generation import HFGenerator
 from ..llm.loader import LoadedLM, MedLLMLoadError, ModelSpec, default_adapter_name, load_lm
+from ..llm.server import ServerGenerator, ServerSpec
 from ..recognizer import Recognizer
 from ..safety import check_links, copy_file, copy_tree
 from ..strategies.base import Strategy
@@ -66,7 +67,7 @@ TEMPLATE_FILE = "template.jinja"
 def make_medllm_ner(
     nlp: Language,
     name: str,
-    model: ModelSpec,
+    model: Union[ModelSpec, ServerSpec],
     adapter: Optional[str],
     strategy: Strategy,
     labels: LabelScheme,
@@ -83,7 +84,9 @@ def make_medllm_ner(
     copy_base: Any,
 ) -> "MedLLMNer":
     """The generator. ``model``: where the base LM lives (``path = "embedded"`` is the tiny
-    CMeEE model shipped with the package); ``adapter``: a peft adapter directory; ``strategy``
+    CMeEE model shipped with the package), or a served model (``spacy_medllm.OpenAIServer.v1``);
+    ``adapter``: a peft adapter directory (in-process models; a served adapter is named
+    in the server block); ``strategy``
     and ``labels``: how to prompt and parse; ``max_chars``: shard longer texts at sentence ends;
     ``max_doc_chars``: skip (and count) documents longer than this instead of spending a
     prompt per type on each of their shards (null: no limit);
@@ -121,7 +124,7 @@ class MedLLMNer:
         nlp: Language,
         name: str,
         *,
-        model: ModelSpec,
+        model: Union[ModelSpec, ServerSpec],
         adapter: Optional[str],
         recognizer: Recognizer,
         batch_size: int,
@@ -131,6 +134,11 @@ class MedLLMNer:
     ) -> None:
         if copy_base not in (True, False, "auto"):
             raise ValueError(f"copy_base must be true, false or \"auto\", not {copy_base!r}")
+        if isinstance(model, ServerSpec) and adapter is not None:
+            raise ValueError(
+                f"{name}: adapter={adapter!r} is for models loaded in-process; serve it with the model "
+                "(vLLM: --lora-modules NAME=PATH) and set model = NAME in the OpenAIServer block."
+            )
         self.nlp = nlp
         self.name = name
         self.spec = model
@@ -143,34 +151,42 @@ class MedLLMNer:
         self.stats: Counter = Counter()
         self._lm: Optional[LoadedLM] = None
         self._adapter_name: Optional[str] = None
+        self._server: Optional[ServerGenerator] = None
 
     # -- model ---------------------------------------------------------------------------
     @property
     def lm(self) -> LoadedLM:
         """The loaded model (shared with every component configured with the same spec)."""
+        if isinstance(self.spec, ServerSpec):
+            raise MedLLMLoadError(f"{self.name}: the model is served at {self.spec.base_url}, not loaded here.")
         if self._lm is None:
             spec = replace(self.spec, path=str(resolve_model_path(self.spec.path)))
             lm = load_lm(spec)
             if self.adapter is not None:
                 self._adapter_name = default_adapter_name(Path(self.adapter))
                 lm.add_adapter(self._adapter_name, self.adapter)
-            self._use_model_template(lm)
             self._lm = lm
+            self._use_model_template(self.generator)
         return self._lm
 
-    def _use_model_template(self, lm: LoadedLM) -> None:
-        """Prompt the model the way it was fine-tuned (:meth:`LoadedLM.prompt_template`)
+    def _use_model_template(self, generator: Union[HFGenerator, ServerGenerator]) -> None:
+        """Prompt the model the way it was fine-tuned (the template its folder carries)
         when the strategy was given no template."""
         strategy = self.recognizer.strategy
         if getattr(strategy, "template", "no templates") is not None:
             return
-        template = lm.prompt_template(self._adapter_name)
+        template = generator.prompt_template()
         if template is not None:
             strategy.use_template(template)
             logger.info("%s: prompting with the template %s", self.name, template)
 
     @property
-    def generator(self) -> HFGenerator:
+    def generator(self) -> Union[HFGenerator, ServerGenerator]:
+        if isinstance(self.spec, ServerSpec):
+            if self._server is None:
+                self._server = ServerGenerator(self.spec)
+                self._use_model_template(self._server)
+            return self._server
         return HFGenerator(self.lm, self._adapter_name)
 
     # -- processing ----------------------------------------------------------------------
@@ -203,7 +219,10 @@ class MedLLMNer:
         texts = [doc.text for doc in docs]
         generator = self.generator
         tokenizer = generator.tokenizer
-        jobs = self.recognizer.plan(texts, lambda prompt: prompt.chat_text(tokenizer))
+        # without a local tokenizer a served model gets chat messages and applies its template
+        jobs = self.recognizer.plan(
+            texts, (lambda prompt: prompt.chat_text(tokenizer)) if tokenizer is not None else (lambda prompt: prompt.messages())
+        )
         if len(jobs) > LONG_BATCH_PROMPTS:
             logger.info("%s: %d prompts for %d documents (%d characters)", self.name, len(jobs), len(docs), sum(map(len, texts)))
         results = generator.generate([job.request for job in jobs], batch_size=self.batch_size) if jobs else []
@@ -229,6 +248,9 @@ class MedLLMNer:
         ``cfg`` that records what was stored."""
         path = ensure_path(path)
         path.mkdir(parents=True, exist_ok=True)
+        if isinstance(self.spec, ServerSpec):  # the config holds all of it
+            self._save_template(path, {"server": self.spec.base_url})
+            return
         base = resolve_model_path(self.spec.path)
         cfg: Dict[str, Any] = {"base_path": str(base), "base_copied": False, "adapter_copied": False}
         if self._should_copy_base(base):
@@ -237,6 +259,9 @@ class MedLLMNer:
         if self.adapter is not None:
             _copy_dir(Path(self.adapter), path / "adapter")
             cfg["adapter_copied"] = True
+        self._save_template(path, cfg)
+
+    def _save_template(self, path: Path, cfg: Dict[str, Any]) -> None:
         template = getattr(self.recognizer.strategy, "template", None)
         if template:
             _copy_file(Path(template), path / TEMPLATE_FILE)
@@ -247,19 +272,20 @@ class MedLLMNer:
         path = ensure_path(path)
         check_links(path)
         cfg = json.loads((path / "cfg").read_text(encoding="utf8"))
-        if cfg["base_copied"]:
+        if cfg.get("base_copied"):
             self.spec = replace(self.spec, path=str(path / "model"))
-        elif not Path(cfg["base_path"]).exists() and not Path(self.spec.path).exists():
+        elif "base_path" in cfg and not Path(cfg["base_path"]).exists() and not Path(self.spec.path).exists():
             logger.warning(
                 "%s: the base model was saved by reference (%s) and is not on this machine; "
                 "set [components.%s.model] path before running the pipeline.",
                 self.name, cfg["base_path"], self.name,
             )
-        if cfg["adapter_copied"]:
+        if cfg.get("adapter_copied"):
             self.adapter = str(path / "adapter")
         if cfg.get("template_copied"):
             self.recognizer.strategy.use_template(str(path / TEMPLATE_FILE))
         self._lm = None
+        self._server = None
         return self
 
     def _should_copy_base(self, base: Path) -> bool:

@@ -22,7 +22,7 @@ from spacy.tokens import Doc
 from spacy.util import registry
 
 from ..labels import LabelScheme
-from ..llm.loader import ModelSpec
+from ..llm.backends import AnyModel, open_generator
 from ..safety import template_environment
 from ..strategies.base import WORDS, Prompt
 from ..strategies.symbol import SymbolStrategy
@@ -47,7 +47,7 @@ class LLMResolver(Resolver):
 
     def __init__(
         self,
-        model: ModelSpec,
+        model: AnyModel,
         labels: LabelScheme,
         adapter: Optional[str] = None,
         k: Optional[int] = None,
@@ -237,18 +237,13 @@ class LLMResolver(Resolver):
 
     @property
     def generator(self):
-        """The HF generator, built (and the model loaded) on first use."""
+        """The generator, built (and an in-process model loaded) on first use."""
         if self._generator is None:
-            from ..llm.generation import HFGenerator
-            from ..llm.loader import load_lm
-
-            lm = load_lm(self.model)
-            name = None
+            adapter, name = None, None
             if self.adapter is not None:
-                resolved = str(Path(self.adapter).expanduser().resolve())
-                name = "resolver_" + hashlib.sha1(resolved.encode("utf8")).hexdigest()[:10]
-                lm.add_adapter(name, resolved)
-            self._generator = HFGenerator(lm, adapter=name)
+                adapter = str(Path(self.adapter).expanduser().resolve())
+                name = "resolver_" + hashlib.sha1(adapter.encode("utf8")).hexdigest()[:10]
+            self._generator = open_generator(self.model, adapter, name)
         return self._generator
 
 
@@ -266,7 +261,7 @@ def _load_template(template: Optional[str], language: str) -> jinja2.Template:
 
 @registry.misc("spacy_medllm.LLMResolver.v1")
 def make_llm_resolver(
-    model: ModelSpec,
+    model: AnyModel,
     labels: LabelScheme,
     adapter: Optional[str] = None,
     k: Optional[int] = None,
@@ -276,7 +271,7 @@ def make_llm_resolver(
     context_chars: int = 100,
     template: Optional[str] = None,
 ) -> LLMResolver:
-    """``model``: a ``spacy_medllm.ModelSpec.v1`` block; ``labels``: a
+    """``model``: a ``spacy_medllm.ModelSpec.v1`` or ``spacy_medllm.OpenAIServer.v1`` block; ``labels``: a
     ``spacy_medllm.LabelScheme.v1`` block; ``adapter``: a LoRA adapter directory."""
     return LLMResolver(
         model=model,

@@ -138,13 +138,13 @@ def encode_with_literals(tokenizer: Any, text: str, literals: Sequence[str] = ()
     return ids
 
 
-def stop_token_ids(tokenizer: Any, model: Any = None) -> List[int]:
-    """Ids that end a completion: the tokenizer's EOS, the model's generation-config EOS ids
-    and the chat template's end-of-turn token."""
+def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> List[int]:
+    """Ids that end a completion: the tokenizer's EOS, the generation config's EOS ids (a
+    model's ``generation_config``) and the chat template's end-of-turn token."""
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    gen_eos = getattr(generation_config, "eos_token_id", None)
     if gen_eos is not None:
         ids.update([gen_eos] if isinstance(gen_eos, int) else gen_eos)
     end_of_turn = _template_end_of_turn(tokenizer)
@@ -184,42 +184,15 @@ def _template_end_of_turn(tokenizer: Any) -> Optional[int]:
     return None
 
 
-class HFGenerator:
-    """Batched greedy decoding with a Hugging Face model, optionally through one adapter.
+class PromptEncoder:
+    """A request's prompt as the model sees it, in text and token ids, and the ids that end
+    an answer: one tokenizer's rules, shared by the in-process generator and a server
+    client that sends token ids (so both feed the model the same tokens)."""
 
-    Requests are sorted by prompt length and batched, padded on the left with explicit
-    position ids, so a batched completion equals the unbatched one. Decoding is plain
-    greedy (argmax); sampling settings in the model's generation config are ignored.
-    """
-
-    def __init__(self, lm: LoadedLM, adapter: Optional[str] = None) -> None:
-        self.lm = lm
-        self.adapter = adapter
-        self.tokenizer = lm.tokenizer_for(adapter)
-        self.stop_ids = stop_token_ids(self.tokenizer, lm.model)
+    def __init__(self, tokenizer: Any, generation_config: Any = None) -> None:
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_token_ids(tokenizer, generation_config)
         self._bos = self._default_bos()
-
-    def generate(
-        self, requests: Sequence[GenerationRequest], batch_size: int = 8
-    ) -> List[GenerationResult]:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        results: List[Optional[GenerationResult]] = [None] * len(requests)
-        constrained = [i for i, r in enumerate(requests) if r.constraint is not None]
-        plain = [i for i, r in enumerate(requests) if r.constraint is None]
-        if constrained:
-            for i, result in zip(
-                constrained, self._generate_constrained([requests[i] for i in constrained], batch_size)
-            ):
-                results[i] = result
-        encoded = {i: self.encode(requests[i]) for i in plain}
-        order = sorted(plain, key=lambda i: len(encoded[i]))
-        for lo in range(0, len(order), batch_size):
-            chunk = order[lo : lo + batch_size]
-            batch = self._greedy([encoded[i] for i in chunk], [requests[i].max_new_tokens for i in chunk])
-            for i, result in zip(chunk, batch):
-                results[i] = result
-        return results  # type: ignore[return-value]
 
     def prompt_text(self, request: GenerationRequest) -> str:
         """The text the model sees for ``request``."""
@@ -249,6 +222,46 @@ class HFGenerator:
         if bos is None:
             return None
         return bos if bos in self.tokenizer("a").input_ids else None
+
+
+class HFGenerator(PromptEncoder):
+    """Batched greedy decoding with a Hugging Face model, optionally through one adapter.
+
+    Requests are sorted by prompt length and batched, padded on the left with explicit
+    position ids, so a batched completion equals the unbatched one. Decoding is plain
+    greedy (argmax); sampling settings in the model's generation config are ignored.
+    """
+
+    def __init__(self, lm: LoadedLM, adapter: Optional[str] = None) -> None:
+        super().__init__(lm.tokenizer_for(adapter), getattr(lm.model, "generation_config", None))
+        self.lm = lm
+        self.adapter = adapter
+
+    def prompt_template(self) -> Optional[str]:
+        """The prompt template the model (or its adapter) was fine-tuned with, if it carries one."""
+        return self.lm.prompt_template(self.adapter)
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], batch_size: int = 8
+    ) -> List[GenerationResult]:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        results: List[Optional[GenerationResult]] = [None] * len(requests)
+        constrained = [i for i, r in enumerate(requests) if r.constraint is not None]
+        plain = [i for i, r in enumerate(requests) if r.constraint is None]
+        if constrained:
+            for i, result in zip(
+                constrained, self._generate_constrained([requests[i] for i in constrained], batch_size)
+            ):
+                results[i] = result
+        encoded = {i: self.encode(requests[i]) for i in plain}
+        order = sorted(plain, key=lambda i: len(encoded[i]))
+        for lo in range(0, len(order), batch_size):
+            chunk = order[lo : lo + batch_size]
+            batch = self._greedy([encoded[i] for i in chunk], [requests[i].max_new_tokens for i in chunk])
+            for i, result in zip(chunk, batch):
+                results[i] = result
+        return results  # type: ignore[return-value]
 
     def _generate_constrained(
         self, requests: Sequence[GenerationRequest], batch_size: int

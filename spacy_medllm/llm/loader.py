@@ -170,7 +170,7 @@ class LoadedLM:
         if _has_tokenizer(adapter_dir):
             # the base's permission does not extend to a tokenizer shipped in the adapter folder
             trusted = self.spec.trust_remote_code and allowed_by_user(TRUST_REMOTE_CODE_ENV, adapter_dir)
-            tokenizer = _load_tokenizer(adapter_dir, trusted)
+            tokenizer = load_tokenizer(adapter_dir, trusted)
         n_tokens = len(tokenizer) if tokenizer is not None else 0
         mismatch = _adapter_mismatch(self._base_model(), adapter_dir, n_tokens)
         if mismatch:
@@ -258,12 +258,6 @@ class LoadedLM:
             self.model.resize_token_embeddings(n_tokens)
 
 
-def unwrap_peft(model: Any) -> Any:
-    """The transformers model under a peft wrapper (its modules carry the adapters), or
-    ``model`` itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def default_adapter_name(path: Union[str, Path]) -> str:
     """A name peft accepts for the adapter at ``path``: the directory name (characters other
     than letters, digits and ``_`` replaced) and a hash of the full path, so that two
@@ -338,7 +332,7 @@ def _load(spec: ModelSpec) -> LoadedLM:
                 "quantization = null, or install a bitsandbytes build for your hardware."
             ) from err
         raise MedLLMLoadError(f"Loading the model at {path} failed: {_first_line(err)}") from err
-    return LoadedLM(spec, model, _load_tokenizer(path, spec.trust_remote_code))
+    return LoadedLM(spec, model, load_tokenizer(path, spec.trust_remote_code))
 
 
 def _check_model_dir(path: Path, spec: ModelSpec) -> Dict[str, Any]:
@@ -462,7 +456,7 @@ def _adapter_mismatch(model: Any, path: Path, n_tokens: int) -> Optional[str]:
     return None
 
 
-def _load_tokenizer(path: Path, trust_remote_code: bool) -> Any:
+def load_tokenizer(path: Path, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
     try:

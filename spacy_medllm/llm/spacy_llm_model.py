@@ -5,13 +5,13 @@ at a time. This one serves spacy-llm's own ``llm`` component from a local direct
 tiny model or a user's 7B checkpoint), with an optional LoRA adapter, quantization and
 batched generation across all prompts of a ``nlp.pipe`` batch.
 """
-from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from spacy_llm.registry import registry
 
-from .generation import GenerationRequest, HFGenerator
-from .loader import ModelSpec, default_adapter_name, load_lm
+from .backends import AnyModel, open_generator
+from .generation import GenerationRequest
+from .server import ServerGenerator
 
 
 class HFCausalLM:
@@ -23,7 +23,7 @@ class HFCausalLM:
 
     def __init__(
         self,
-        spec: ModelSpec,
+        spec: AnyModel,
         adapter: Optional[str] = None,
         adapter_name: Optional[str] = None,
         batch_size: int = 8,
@@ -31,13 +31,8 @@ class HFCausalLM:
         chat: bool = True,
         context_length: Optional[int] = None,
     ) -> None:
-        self.lm = load_lm(spec)
-        name = None
-        if adapter is not None:
-            name = adapter_name or default_adapter_name(Path(adapter))
-            self.lm.add_adapter(name, adapter)
-        self.generator = HFGenerator(self.lm, name)
-        self.prompt_template = self.lm.prompt_template(name)
+        self.generator = open_generator(spec, adapter, adapter_name)
+        self.prompt_template = self.generator.prompt_template()
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.chat = chat
@@ -48,7 +43,9 @@ class HFCausalLM:
         """Prompt budget for spacy-llm's sharding: the configured value, else the model's."""
         if self._context_length is not None:
             return self._context_length
-        return getattr(self.lm.model.config, "max_position_embeddings", None)
+        if isinstance(self.generator, ServerGenerator):
+            return None  # the server truncates nothing silently: it rejects a prompt too long
+        return getattr(self.generator.lm.model.config, "max_position_embeddings", None)
 
     def __call__(self, prompts: Iterable[Iterable[Any]]) -> Iterable[Iterable[Any]]:
         """Prompts that are already :class:`GenerationRequest`s (our NER task's, which may
@@ -76,7 +73,7 @@ class HFCausalLM:
 
 @registry.llm_models("spacy_medllm.HFCausalLM.v1")
 def make_hf_causal_lm(
-    spec: ModelSpec,
+    spec: AnyModel,
     adapter: Optional[str] = None,
     adapter_name: Optional[str] = None,
     batch_size: int = 8,
@@ -85,7 +82,8 @@ def make_hf_causal_lm(
     context_length: Optional[int] = None,
 ) -> HFCausalLM:
     """A local Hugging Face causal LM (``spec``: ``@misc = "spacy_medllm.ModelSpec.v1"``) with an
-    optional peft adapter directory, for spacy-llm's ``llm`` component."""
+    optional peft adapter directory, or a served model (``@misc = "spacy_medllm.OpenAIServer.v1"``),
+    for spacy-llm's ``llm`` component."""
     return HFCausalLM(
         spec,
         adapter=adapter,

@@ -359,7 +359,7 @@ def train_sft(
         )
     model, tokenizer = load_for_training(model_cfg, config.seed)
     device = next(p for p in model.parameters()).device
-    stops = stop_token_ids(tokenizer, model)
+    stops = stop_token_ids(tokenizer, model.generation_config)
     if not stops:
         raise SFTError("The tokenizer defines no EOS or end-of-turn token, so the end of an answer cannot be learned.")
     encoded, cutoff = apply_cutoff(
