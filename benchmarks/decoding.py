@@ -205,8 +205,8 @@ def run_plain(model, tokenizer, rows, eos, batch_rows, budgets, forced):
         start = time.perf_counter()
         with torch.inference_mode(), count_forward_passes(model) as calls, count_positions(model) as positions:
             out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
+                input_ids=ids.to(model.device),
+                attention_mask=mask.to(model.device),
                 do_sample=False,
                 max_new_tokens=budget,
                 min_new_tokens=budget if forced else 0,

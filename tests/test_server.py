@@ -170,7 +170,9 @@ def test_settings_are_checked(monkeypatch):
         ServerSpec(base_url="http://x/v1", model="m", dialect="sglang", copy_rule="processor")
     monkeypatch.delenv("MEDLLM_TEST_KEY", raising=False)
     with pytest.raises(MedLLMServerError, match="MEDLLM_TEST_KEY, which is not set"):
-        ServerGenerator(ServerSpec(base_url="http://x/v1", model="m", api_key_env="MEDLLM_TEST_KEY"))
+        ServerGenerator(ServerSpec(base_url="http://x/v1", model="m", api_key_env="MEDLLM_TEST_KEY", copy_rule="grammar"))
+    with pytest.raises(MedLLMServerError, match="needs the model's end tokens"):
+        ServerGenerator(ServerSpec(base_url="http://x/v1", model="m"))
     assert ServerSpec(base_url="u", model="m").rule == "processor"
     assert ServerSpec(base_url="u", model="m", dialect="llama.cpp").rule == "grammar"
     assert ServerSpec(base_url="u", model="m", dialect="plain").rule == "none"

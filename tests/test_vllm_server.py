@@ -119,6 +119,17 @@ def test_the_grammar_gives_the_in_process_answers_without_text_mass(processor_se
     assert sum(r.text.count("[") for r in served) > sum(r.text.count("[") for r in with_mass)
 
 
+def test_without_a_local_tokenizer_the_chat_endpoint_applies_the_template(processor_server, dev_jobs):
+    texts, _ = dev_jobs
+    ner = spacy.blank("zh").add_pipe("medllm_ner")
+    requests = [job.request for job in ner.recognizer.plan(texts[:4], lambda prompt: prompt.messages())]
+    local = _in_process(requests, text_mass=False, span_limit=False)
+    spec = ServerSpec(base_url=processor_server.url, model="tiny", copy_rule="grammar")
+    served = ServerGenerator(spec).generate(_with_text_mass(requests, False))
+    assert [r.text for r in served] == [r.text for r in local]
+    assert [r.token_ids for r in served] == [r.token_ids for r in local]
+
+
 def test_an_adapter_served_by_name_gives_the_adapter_answers(processor_server, dev_jobs, adapter):
     _, requests = dev_jobs
     requests = requests[: 9 * 5]

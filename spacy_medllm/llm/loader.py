@@ -320,7 +320,7 @@ def _load(spec: ModelSpec) -> LoadedLM:
         model.eval()
         if spec.quantization is not None:
             if device == "cpu":
-                _disable_bnb_cpu_packing(model)
+                disable_bnb_cpu_packing(model)
             # bitsandbytes kernels fail at the first forward pass, not at loading: find out now.
             with torch.inference_mode():
                 model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=model.device))
@@ -531,7 +531,7 @@ def _bnb_config(spec: ModelSpec, device: str):
     )
 
 
-def _disable_bnb_cpu_packing(model: Any) -> None:
+def disable_bnb_cpu_packing(model: Any) -> None:
     """Keep bitsandbytes from repacking 4-bit weights for its AVX512-BF16 CPU kernel.
 
     The packed format rounds the quantization scales to bfloat16 and is undone only

@@ -129,6 +129,11 @@ class ServerGenerator:
         self.spec = spec
         self.encoder = _local_encoder(Path(spec.tokenizer)) if spec.tokenizer else None
         self.tokenizer = self.encoder.tokenizer if self.encoder is not None else None
+        if spec.rule == "processor" and self.encoder is None:
+            raise MedLLMServerError(
+                f"copy_rule \"processor\" (the default on vLLM) needs the model's end tokens for {spec.base_url}: "
+                "set tokenizer to a local folder with the model's tokenizer files, or copy_rule = \"grammar\"."
+            )
         api_key = "none"
         if spec.api_key_env:
             api_key = os.environ.get(spec.api_key_env, "")
@@ -196,8 +201,7 @@ class ServerGenerator:
                 self._warn_once("none", "%s: copy_rule \"none\": answers are not held to the copy constraint")
             return {}
         if rule == "processor":
-            stop_ids = self.encoder.stop_ids if self.encoder is not None else self._server_stop_ids()
-            return {"vllm_xargs": {COPY_REQUEST_ARG: copy_request_arg(constraint, stop_ids)}}
+            return {"vllm_xargs": {COPY_REQUEST_ARG: copy_request_arg(constraint, self.encoder.stop_ids)}}
         if constraint.text_mass:
             self._warn_once(
                 "grammar",
@@ -283,12 +287,6 @@ class ServerGenerator:
         raise MedLLMServerError(
             f"The server at {self.spec.base_url} answered {result.text[:80]!r}, which is not a copy of "
             f"{constraint.source[:40]!r}: {fix}."
-        )
-
-    def _server_stop_ids(self) -> List[int]:
-        raise MedLLMServerError(
-            "copy_rule \"processor\" needs the model's end tokens: set tokenizer to a local folder with "
-            "the model's tokenizer."
         )
 
     def _error(self, err: Exception, grammar: bool = False) -> MedLLMServerError:
