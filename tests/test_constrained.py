@@ -535,3 +535,33 @@ def test_copy_request_arg_round_trip_and_refusals():
                 '{"constraint": {"source": "a", "max_depth": -1}, "eos": [1]}'):
         with pytest.raises(ValueError):
             read_copy_request_arg(bad)
+
+
+@pytest.mark.parametrize("max_depth", [1, 2, 3])
+@pytest.mark.parametrize("forbid_empty,forbid_double_open", [(False, False), (False, True), (True, False), (True, True)])
+def test_every_reachable_state_can_end(max_depth, forbid_empty, forbid_double_open):
+    """No dead ends: a decoder in any reachable state has a legal way to finish (without
+    the run's room check, "…c][" at depth 1 left an open bracket that could not close)."""
+    for source in ("", "a", "ab", "abc"):
+        automaton = CopyAutomaton(CopyConstraint(
+            source=source, max_depth=max_depth, max_span_chars=2,
+            forbid_empty=forbid_empty, forbid_double_open=forbid_double_open,
+        ))
+        start = (0, (), 0, False)
+        seen, stack, edges = {start}, [start], {}
+        while stack:
+            state = stack.pop()
+            edges[state] = [nxt for _, nxt in automaton.units(state)]
+            for nxt in edges[state]:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append(nxt)
+        live = {s for s in seen if s[0] == automaton.n and not s[1]}
+        changed = True
+        while changed:
+            changed = False
+            for state in seen - live:
+                if any(nxt in live for nxt in edges[state]):
+                    live.add(state)
+                    changed = True
+        assert live == seen, (source, sorted(seen - live))

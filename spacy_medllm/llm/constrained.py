@@ -116,10 +116,11 @@ class CopyAutomaton:
         room = not opens or i + 1 - opens[0] <= c.max_span_chars
         if i < self.n and room:
             out.append((self.chars[i], (i + 1, opens, 0, False)))
-        # Bracket runs between two characters are bounded, so no answer is infinite.
+        # Bracket runs between two characters are bounded, so no answer is infinite; after
+        # the last character an open bracket needs room in the run for every close.
         if brackets < 2 * c.max_depth:
             if (
-                (i < self.n or not c.forbid_empty)
+                (i < self.n or (not c.forbid_empty and brackets + len(opens) + 2 <= 2 * c.max_depth))
                 and room
                 and len(opens) < c.max_depth
                 and not (c.forbid_double_open and last_open)
