@@ -175,7 +175,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.open_bias is None:
         systems.append(("embedded generator", "config", "configs/pipeline_tiny.cfg", generator))
     for bias in args.open_bias or ():
-        overrides = {**generator, "components.ner.open_bias": bias}
+        overrides = {**generator, "components.ner.recognizer.open_bias": bias}
         systems.append((f"embedded generator (open_bias {bias:g})", "config", "configs/pipeline_tiny.cfg", overrides))
     if args.filter:
         overrides = {**generator, "paths.classifier": args.filter}

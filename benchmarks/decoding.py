@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from spacy_medllm.llm.constrained import (  # noqa: E402
+from spacy_medllm.llm.copy import (  # noqa: E402
     CopyAutomaton,
     DecodeStats,
     count_forward_passes,

@@ -64,7 +64,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import torch  # noqa: E402
 
 from decoding import build_rows, run_constrained, run_plain  # noqa: E402
-from spacy_medllm.llm.constrained import forward_module  # noqa: E402
+from spacy_medllm.llm.copy import forward_module  # noqa: E402
 
 # The published configs of Qwen/Qwen2.5-7B-Instruct and Qwen/Qwen2.5-1.5B-Instruct (the
 # project's base models), all but the vocabulary.

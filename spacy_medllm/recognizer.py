@@ -14,6 +14,8 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from spacy.util import registry
+
 from .labels import LabelScheme
 from .llm.generation import GenerationRequest, GenerationResult
 from .readers.normalize import normalize_text
@@ -44,10 +46,13 @@ class Recognition:
     io: List[Dict[str, Any]] = field(default_factory=list)
 
 
-class Recognizer:
-    """Builds prompts for texts and reads responses back into mentions.
+@dataclass(frozen=True)
+class RecognizerSettings:
+    """Every prompting and decoding setting of recognition, once, with one set of defaults:
+    ``medllm_ner``, the spacy-llm task and the trainer's dev evaluation take this block
+    (``spacy_medllm.Recognizer.v1``), so a checkpoint is selected under the rules it is
+    served with.
 
-    strategy / scheme: the annotation strategy and label scheme.
     max_chars: shards longer texts at sentence ends (None: one prompt per text).
     normalize: an OpenCC configuration such as "t2s" applied character by character, so
         offsets into the normalised text are offsets into the original.
@@ -55,32 +60,57 @@ class Recognizer:
     max_depth / max_span_chars: the constraint's structural limits (nesting depth, characters
         an entity may span).
     open_bias: logit bias on opening brackets under the constraint (negative: fewer, surer
-        entities; see :class:`~spacy_medllm.types.CopyConstraint`).
+        entities); text_mass: weigh a bracket against all text tokens together (see
+        :class:`~spacy_medllm.types.CopyConstraint`).
     max_new_tokens: the generation budget per prompt.
     """
 
-    def __init__(
-        self,
-        strategy: Strategy,
-        scheme: LabelScheme,
-        *,
-        max_chars: Optional[int] = 256,
-        normalize: Optional[str] = None,
-        constrained: bool = True,
-        max_depth: int = 2,
-        max_span_chars: int = 64,
-        open_bias: float = 0.0,
-        max_new_tokens: int = 512,
-    ) -> None:
+    max_chars: Optional[int] = 256
+    normalize: Optional[str] = None
+    constrained: bool = True
+    max_depth: int = 2
+    max_span_chars: int = 64
+    open_bias: float = 0.0
+    text_mass: bool = True
+    max_new_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        if self.max_chars is not None and self.max_chars < 1:
+            raise ValueError(f"max_chars must be at least 1 or null, got {self.max_chars}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.max_depth < 0 or self.max_span_chars < 1:
+            raise ValueError("max_depth must be >= 0 and max_span_chars >= 1")
+
+
+@registry.misc("spacy_medllm.Recognizer.v1")
+def make_recognizer_settings(
+    max_chars: Optional[int] = 256,
+    normalize: Optional[str] = None,
+    constrained: bool = True,
+    max_depth: int = 2,
+    max_span_chars: int = 64,
+    open_bias: float = 0.0,
+    text_mass: bool = True,
+    max_new_tokens: int = 512,
+) -> RecognizerSettings:
+    """The ``[...recognizer]`` block of ``medllm_ner``, the spacy-llm task and the dev evaluator."""
+    return RecognizerSettings(max_chars, normalize, constrained, max_depth, max_span_chars, open_bias, text_mass, max_new_tokens)
+
+
+class Recognizer:
+    """Builds prompts for texts and reads responses back into mentions, with the
+    annotation ``strategy``, the label ``scheme`` and the :class:`RecognizerSettings`."""
+
+    def __init__(self, strategy: Strategy, scheme: LabelScheme, settings: RecognizerSettings = RecognizerSettings()) -> None:
         self.strategy = strategy
         self.scheme = scheme
-        self.max_chars = max_chars
-        self.normalize = normalize
-        self.constrained = constrained and hasattr(strategy, "copy_constraint")
-        self.max_depth = max_depth
-        self.max_span_chars = max_span_chars
-        self.open_bias = open_bias
-        self.max_new_tokens = max_new_tokens
+        self.settings = settings
+        self.constrained = settings.constrained and hasattr(strategy, "copy_constraint")
+
+    @property
+    def normalize(self) -> Optional[str]:
+        return self.settings.normalize
 
     def plan(self, texts: Sequence[str], format_prompt) -> List[PromptJob]:
         """The prompt jobs for ``texts``; ``format_prompt(prompt) -> str`` renders a prompt
@@ -98,12 +128,13 @@ class Recognizer:
                     if self.constrained:
                         constraint = replace(
                             self.strategy.copy_constraint(shard, prompt),
-                            max_depth=self.max_depth,
-                            max_span_chars=self.max_span_chars,
-                            open_bias=self.open_bias,
+                            max_depth=self.settings.max_depth,
+                            max_span_chars=self.settings.max_span_chars,
+                            open_bias=self.settings.open_bias,
+                            text_mass=self.settings.text_mass,
                         )
                     request = GenerationRequest(
-                        prompt=format_prompt(prompt), max_new_tokens=self.max_new_tokens, constraint=constraint,
+                        prompt=format_prompt(prompt), max_new_tokens=self.settings.max_new_tokens, constraint=constraint,
                         literals=(prompt.input,),
                     )
                     jobs.append(PromptJob(i, start, shard, prompt, request))
@@ -147,9 +178,10 @@ class Recognizer:
     def _shards(self, text: str) -> List[Tuple[int, int]]:
         if not text:
             return []
-        if self.max_chars is None or len(text) <= self.max_chars:
+        max_chars = self.settings.max_chars
+        if max_chars is None or len(text) <= max_chars:
             return [(0, len(text))]
-        return shard_text(text, self.max_chars)
+        return shard_text(text, max_chars)
 
 
 def _response_text_and_score(response: Any) -> Tuple[str, Optional[float]]:

@@ -12,7 +12,7 @@ from spacy_medllm.components.align import MedLLMAlign
 from spacy_medllm.labels import get_scheme
 from spacy_medllm.llm.loader import MedLLMLoadError, ModelSpec, load_lm
 from spacy_medllm.llm.tiny import TinyModelConfig, init_tiny
-from spacy_medllm.recognizer import Recognizer
+from spacy_medllm.recognizer import Recognizer, RecognizerSettings
 from spacy_medllm.scoring import score_examples
 from spacy_medllm.strategies.entity_category import EntityCategoryStrategy
 from spacy_medllm.strategies.symbol import SymbolStrategy
@@ -42,9 +42,10 @@ def char_nlp():
     return spacy.blank("zh", config={"nlp": {"tokenizer": {"@tokenizers": "spacy_medllm.CharTokenizer.v1"}}})
 
 
-def make_pipeline(model_dir, **ner_cfg):
+def make_pipeline(model_dir, constrained=True, **ner_cfg):
     nlp = char_nlp()
-    cfg = {"model": {"@misc": "spacy_medllm.ModelSpec.v1", "path": str(model_dir), "device": "cpu"}, "max_new_tokens": 64}
+    recognizer = {"@misc": "spacy_medllm.Recognizer.v1", "max_new_tokens": 64, "constrained": constrained}
+    cfg = {"model": {"@misc": "spacy_medllm.ModelSpec.v1", "path": str(model_dir), "device": "cpu"}, "recognizer": recognizer}
     cfg.update(ner_cfg)
     nlp.add_pipe("medllm_ner", config=cfg)
     nlp.add_pipe("medllm_align")
@@ -57,7 +58,7 @@ def span_tuples(doc, key="sc"):
 
 # -- recognizer: prompts in, mentions out (no model) ------------------------------------------
 def test_recognizer_reads_symbol_responses_into_original_offsets():
-    rec = Recognizer(SymbolStrategy(), CMEEE, max_chars=None)
+    rec = Recognizer(SymbolStrategy(), CMEEE, RecognizerSettings(max_chars=None))
     text = "患者咳嗽，诊断为肺炎。"
     jobs = rec.plan([text], lambda p: p.user)
     assert [j.prompt.label for j in jobs] == CMEEE.codes  # one prompt per type, type last
@@ -76,7 +77,7 @@ def test_recognizer_counts_a_failing_parser_and_keeps_the_batch():
                 raise ValueError("a parser bug")
             return super().parse(text, response, prompt)
 
-    rec = Recognizer(Fragile(), CMEEE, max_chars=None)
+    rec = Recognizer(Fragile(), CMEEE, RecognizerSettings(max_chars=None))
     texts = ["患者咳嗽。", "诊断为肺炎。"]
     jobs = rec.plan(texts, lambda p: p.user)
     responses = ["boom" if j.text_index == 0 else "疾病：诊断为[肺炎]。" for j in jobs]
@@ -86,7 +87,7 @@ def test_recognizer_counts_a_failing_parser_and_keeps_the_batch():
 
 
 def test_recognizer_shards_long_texts_and_shifts_offsets():
-    rec = Recognizer(SymbolStrategy(), CMEEE, max_chars=12)
+    rec = Recognizer(SymbolStrategy(), CMEEE, RecognizerSettings(max_chars=12))
     text = "患者咳嗽三天。今日发热，诊断为肺炎。" * 3
     jobs = rec.plan([text], lambda p: p.user)
     offsets = sorted({j.offset for j in jobs})
@@ -103,7 +104,7 @@ def test_recognizer_shards_long_texts_and_shifts_offsets():
 
 
 def test_recognizer_normalises_without_moving_offsets():
-    rec = Recognizer(SymbolStrategy(), CMEEE, max_chars=None, normalize="t2s")
+    rec = Recognizer(SymbolStrategy(), CMEEE, RecognizerSettings(max_chars=None, normalize="t2s"))
     text = "患者發熱，診斷為肺炎。"
     jobs = rec.plan([text], lambda p: p.user)
     assert jobs[0].shard == "患者发热，诊断为肺炎。"
@@ -116,7 +117,7 @@ def test_recognizer_normalises_without_moving_offsets():
 
 
 def test_recognizer_counts_garbage_and_truncation():
-    rec = Recognizer(SymbolStrategy(), CMEEE, max_chars=None, constrained=False)
+    rec = Recognizer(SymbolStrategy(), CMEEE, RecognizerSettings(max_chars=None, constrained=False))
     text = "患者咳嗽。"
     jobs = rec.plan([text], lambda p: p.user)
     assert all(j.request.constraint is None for j in jobs)
@@ -226,7 +227,7 @@ def test_pipeline_matches_a_manual_run_of_the_same_generator(tiny_dirs):
     from spacy_medllm.llm.generation import HFGenerator
 
     lm = load_lm(ModelSpec(path=str(tiny_dirs["qwen2"]), device="cpu"))
-    rec = Recognizer(SymbolStrategy(), CMEEE, max_new_tokens=64)
+    rec = Recognizer(SymbolStrategy(), CMEEE, RecognizerSettings(max_new_tokens=64))
     gen = HFGenerator(lm)
     jobs = rec.plan([SENTENCES[0]], lambda p: p.chat_text(gen.tokenizer))
     (manual,) = rec.read([SENTENCES[0]], jobs, gen.generate([j.request for j in jobs], batch_size=4))
@@ -319,10 +320,10 @@ def test_spacy_llm_component_with_our_model_and_task(tiny_dirs):
         "llm",
         config={
             "task": {
-                "@llm_tasks": "spacy_medllm.NERTask.v1",
+                "@llm_tasks": "spacy_medllm.NERTask.v2",
                 "strategy": {"@misc": "spacy_medllm.SymbolStrategy.v1"},
                 "labels": {"@misc": "spacy_medllm.LabelScheme.v1", "scheme": "cmeee"},
-                "max_new_tokens": 64,
+                "recognizer": {"@misc": "spacy_medllm.Recognizer.v1", "max_new_tokens": 64},
             },
             "model": {
                 "@llm_models": "spacy_medllm.HFCausalLM.v1",
@@ -345,7 +346,7 @@ def test_spacy_llm_route_prompts_like_medllm_ner_with_a_model_that_carries_its_t
     ours.add_pipe("medllm_align")
     nlp = char_nlp()
     nlp.add_pipe("llm", config={
-        "task": {"@llm_tasks": "spacy_medllm.NERTask.v1", "strategy": {"@misc": "spacy_medllm.SymbolStrategy.v1"},
+        "task": {"@llm_tasks": "spacy_medllm.NERTask.v2", "strategy": {"@misc": "spacy_medllm.SymbolStrategy.v1"},
                  "labels": {"@misc": "spacy_medllm.LabelScheme.v1", "scheme": "cmeee"}},
         "model": {"@llm_models": "spacy_medllm.HFCausalLM.v1", "spec": {"@misc": "spacy_medllm.ModelSpec.v1", "path": "embedded"}},
     })
@@ -385,7 +386,7 @@ def test_embedded_default_runs_with_its_own_prompt_template():
 
     assert resolve_model_path("embedded") == EMBEDDED_DIR
     nlp = char_nlp()
-    nlp.add_pipe("medllm_ner", config={"save_io": True, "max_new_tokens": 64})
+    nlp.add_pipe("medllm_ner", config={"save_io": True, "recognizer": {"@misc": "spacy_medllm.Recognizer.v1", "max_new_tokens": 64}})
     nlp.add_pipe("medllm_align")
     doc = nlp(SENTENCES[1])
     io = doc._.llm_io["medllm_ner"]

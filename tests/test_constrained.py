@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from spacy_medllm.llm.constrained import (  # noqa: E402
+from spacy_medllm.llm.copy import (  # noqa: E402
     CopyAutomaton,
     CopyConstraint,
     DecodeStats,
@@ -216,7 +216,8 @@ def test_text_mass_weighs_a_bracket_against_all_text(char_tok):
     the source token plus 100 other text tokens at -1 (log 101 - 1 > 0)."""
     import torch
 
-    from spacy_medllm.llm.constrained import _OptionTable, _plan, _Row, _verify
+    from spacy_medllm.llm.copy.options import _OptionTable, _verify
+    from spacy_medllm.llm.copy.stream import _plan, _Row
 
     index = vocab_index(char_tok)
     source = _sentences(1)[0]
@@ -239,13 +240,13 @@ def test_models_without_a_plain_head_decode_through_their_own_forward(char_tok, 
     """The output layer on the verified positions only (Qwen2/Llama) and the model's own
     forward with ``logits_to_keep`` (any other causal LM) give the same answers, and the
     passes are counted either way."""
-    from spacy_medllm.llm import constrained
+    from spacy_medllm.llm.copy import batch, count_forward_passes
 
     model = _model(char_tok, "llama", 3)
     prompts, constraints = _rows(char_tok, _sentences(2))
     split, split_stats = _decode(model, char_tok, prompts, constraints)
-    monkeypatch.setattr(constrained, "_PLAIN_HEAD_TYPES", frozenset())
-    with constrained.count_forward_passes(model) as calls:
+    monkeypatch.setattr(batch, "_PLAIN_HEAD_TYPES", frozenset())
+    with count_forward_passes(model) as calls:
         whole, whole_stats = _decode(model, char_tok, prompts, constraints)
     assert [r.token_ids for r in whole] == [r.token_ids for r in split]
     for a, b in zip(whole, split):
@@ -259,13 +260,13 @@ def test_sliding_window_caches_are_refused_before_any_pass(char_tok):
     clear error before the first pass, not wrong answers."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    from spacy_medllm.llm import constrained
+    from spacy_medllm.llm.copy import count_forward_passes
 
     config = MistralConfig(vocab_size=len(char_tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                            num_key_value_heads=1, intermediate_size=64, sliding_window=4096)
     model = MistralForCausalLM(config).eval()
     prompts, constraints = _rows(char_tok, _sentences(1))
-    with constrained.count_forward_passes(model) as calls, pytest.raises(NotImplementedError, match="Sliding"):
+    with count_forward_passes(model) as calls, pytest.raises(NotImplementedError, match="Sliding"):
         _decode(model, char_tok, prompts, constraints)
     assert calls[0] == 0
 
@@ -321,7 +322,7 @@ def test_rows_join_as_others_finish(char_tok, monkeypatch):
     long rows then run side by side: about half the passes of decoding the sentences one
     batch after the other, with the same tokens. Joining rows take the cache rows of rows
     that left (their prefix written in place)."""
-    from spacy_medllm.llm.constrained import _Batch
+    from spacy_medllm.llm.copy.batch import _Batch
 
     model = _model(char_tok, "qwen2", 7)
     sentences = _sentences(3)
@@ -345,7 +346,7 @@ def test_feed_forward_skips_padding_with_the_same_values(char_tok):
     """``_packed``: the MLPs run on the real positions of a right-padded block only; the
     hidden states at those positions equal the unpacked pass (float64: exactly up to
     rounding), and the hooks are gone afterwards."""
-    from spacy_medllm.llm.constrained import _layer_mlps, _packed
+    from spacy_medllm.llm.copy.batch import _layer_mlps, _packed
 
     model = _model(char_tok, "llama", 4)
     decoder = model.get_decoder()
@@ -369,7 +370,8 @@ def test_drafts_start_on_the_source_tokenization(bpe_tok):
     """A draft starting where a token of the source's own tokenization starts reuses its
     tokens; elsewhere the rest is tokenized on its own. Either way the draft spells the
     answer's next bytes."""
-    from spacy_medllm.llm.constrained import _draft_tokens, _Row, _SourceTokens
+    from spacy_medllm.llm.copy.drafts import _draft_tokens, _SourceTokens
+    from spacy_medllm.llm.copy.stream import _Row
 
     index, text = vocab_index(bpe_tok), _sentences(1)[0]
     automaton = CopyAutomaton(CopyConstraint(source=text))
@@ -457,9 +459,9 @@ def test_generator_runtime_symbol_requests_and_prompt_lookup(tmp_path, char_tok)
     """Through the runtime: HFGenerator hands constrained requests to generate_constrained;
     every mention of every answer aligns; prompt lookup equals plain greedy."""
     from spacy_medllm.labels import get_scheme
-    from spacy_medllm.llm.constrained import generate_prompt_lookup
     from spacy_medllm.llm.generation import GenerationRequest, HFGenerator
     from spacy_medllm.llm.loader import ModelSpec, clear_cache, load_lm
+    from spacy_medllm.llm.prompt_lookup import generate_prompt_lookup
     from spacy_medllm.strategies.symbol import SymbolStrategy
 
     model = _model(char_tok, "qwen2", 5)
@@ -503,7 +505,7 @@ def test_copy_rule_step_by_step_equals_the_decoder(char_tok, text_mass, open_bia
     choosing from full logits) gives the decoder's answers token for token."""
     from dataclasses import replace
 
-    from spacy_medllm.llm.constrained import CopyRule
+    from spacy_medllm.llm.copy import CopyRule
 
     model = _model(char_tok, "qwen2", 5)
     prompts, constraints = _rows(char_tok, _sentences(2))
@@ -527,7 +529,7 @@ def test_copy_rule_step_by_step_equals_the_decoder(char_tok, text_mass, open_bia
 
 
 def test_copy_request_arg_round_trip_and_refusals():
-    from spacy_medllm.llm.constrained import copy_request_arg, read_copy_request_arg
+    from spacy_medllm.llm.copy import copy_request_arg, read_copy_request_arg
 
     constraint = CopyConstraint(source="发热\"[x]\n", forced_prefix="疾病：", max_span_chars=5, text_mass=False, open_bias=-0.5)
     assert read_copy_request_arg(copy_request_arg(constraint, [3, 1, 3])) == (constraint, (1, 3))

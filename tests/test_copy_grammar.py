@@ -7,7 +7,7 @@ from typing import Dict, List, Set, Tuple
 
 import pytest
 
-from spacy_medllm.llm.constrained import CopyAutomaton, _Body
+from spacy_medllm.llm.copy.automaton import CopyAutomaton, _Body
 from spacy_medllm.llm.copy_grammar import copy_grammar
 from spacy_medllm.types import CopyConstraint
 

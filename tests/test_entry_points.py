@@ -17,9 +17,17 @@ GROUPS = {
 }
 
 
+# modules that run where these are installed (the vLLM server's process), and register nothing
+SERVER_SIDE = {"vllm"}
+
+
 def _import_all_modules():
     for info in pkgutil.walk_packages(spacy_medllm.__path__, prefix="spacy_medllm."):
-        importlib.import_module(info.name)
+        try:
+            importlib.import_module(info.name)
+        except ModuleNotFoundError as err:
+            if err.name not in SERVER_SIDE:
+                raise
 
 
 def _declared(group):

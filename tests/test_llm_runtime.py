@@ -9,7 +9,6 @@ import torch
 
 from spacy_medllm.llm.generation import (
     GenerationRequest,
-    GenerationResult,
     HFGenerator,
     format_prompt,
     stop_token_ids,
@@ -137,20 +136,21 @@ def test_prompt_formats_and_stop_ids(models):
 
 
 def test_constrained_requests_go_to_the_constrained_module(models, monkeypatch):
-    import spacy_medllm.llm.constrained as constrained
+    from spacy_medllm.llm import generation
+    from spacy_medllm.llm.copy import DecodedRow
 
     lm = load_lm(ModelSpec(models["qwen2"], dtype="float32", device="cpu"))
     calls = []
 
-    def fake(lm_, requests, adapter=None, batch_size=8):
-        calls.append((lm_, [r.constraint for r in requests], adapter, batch_size))
-        return [GenerationResult(f"c{r.constraint}", [], [], "stop", 0, 0, 0, 0.0) for r in requests]
+    def fake(model, tokenizer, prompts, constraints, *, stop_ids, max_new_tokens, batch_size=8):
+        calls.append((model, list(constraints), batch_size))
+        return [DecodedRow(f"c{c}", [], [], 0, True) for c in constraints]
 
-    monkeypatch.setattr(constrained, "generate_constrained", fake)
+    monkeypatch.setattr(generation, "generate_constrained", fake)
     requests = _requests()
     mixed = [requests[0], GenerationRequest("x", constraint=1), requests[1], GenerationRequest("y", constraint=2)]
     results = HFGenerator(lm).generate(mixed, batch_size=3)
-    assert calls == [(lm, [1, 2], None, 3)]
+    assert calls == [(lm.model, [1, 2], 3)]
     assert [r.text for r in results[1::2]] == ["c1", "c2"]
     plain = HFGenerator(lm).generate(requests[:2], batch_size=2)
     assert [r.token_ids for r in results[0::2]] == [r.token_ids for r in plain]
@@ -227,7 +227,7 @@ def test_4bit_nf4_loads_on_cpu_and_generates(models):
 def test_constrained_decoding_on_a_4bit_model_with_an_adapter(models):
     """The QLoRA inference path: copy-constrained speculative decoding through the
     runtime on a 4-bit base, with and without the adapter, equals constrained greedy."""
-    from spacy_medllm.llm.constrained import decode_constrained
+    from spacy_medllm.llm.copy import decode_constrained
     from spacy_medllm.types import CopyConstraint
 
     lm = load_lm(ModelSpec(models["llama"], quantization="4bit", device="cpu"))

@@ -16,7 +16,7 @@ from spacy_medllm.llm.cls_head import load_classifier
 from spacy_medllm.llm.generation import GenerationRequest, HFGenerator, encode_with_literals
 from spacy_medllm.llm.loader import MedLLMLoadError, ModelSpec, clear_cache, load_lm
 from spacy_medllm.llm.tiny import TinyModelConfig, init_tiny
-from spacy_medllm.recognizer import Recognizer
+from spacy_medllm.recognizer import Recognizer, RecognizerSettings
 from spacy_medllm.safety import (
     ALLOW_PICKLE_ENV,
     TRUST_REMOTE_CODE_ENV,
@@ -55,7 +55,7 @@ def model_dir(tmp_path_factory):
 def saved_pipeline(model_dir, path, **ner_cfg):
     nlp = spacy.blank("zh", config={"nlp": {"tokenizer": {"@tokenizers": "spacy_medllm.CharTokenizer.v1"}}})
     cfg = {"model": {"@misc": "spacy_medllm.ModelSpec.v1", "path": str(model_dir), "device": "cpu"},
-           "max_new_tokens": 32, "copy_base": True}
+           "recognizer": {"@misc": "spacy_medllm.Recognizer.v1", "max_new_tokens": 32}, "copy_base": True}
     cfg.update(ner_cfg)
     nlp.add_pipe("medllm_ner", config=cfg)
     nlp.add_pipe("medllm_align")
@@ -198,7 +198,7 @@ def test_chat_control_strings_in_the_text_stay_text(model_dir):
     # the text's characters are all there, as text
     assert tokenizer.decode(hostile, skip_special_tokens=False).count("<|im_start|>assistant") == 2
     # the pipeline's route (a chat-formatted string with the text as a literal) does the same
-    recognizer = Recognizer(strategy, scheme, max_chars=None, constrained=True)
+    recognizer = Recognizer(strategy, scheme, RecognizerSettings(max_chars=None))
     jobs = recognizer.plan([INJECTION], lambda p: p.chat_text(tokenizer))
     assert all(n_special(generator.encode(job.request)) == n_special(clean) for job in jobs)
     # without the literal it would have been a control token: the test can tell

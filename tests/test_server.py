@@ -11,7 +11,7 @@ import pytest
 import spacy
 
 from spacy_medllm.embedded import EMBEDDED_DIR
-from spacy_medllm.llm.constrained import COPY_REQUEST_ARG, read_copy_request_arg
+from spacy_medllm.llm.copy import COPY_REQUEST_ARG, read_copy_request_arg
 from spacy_medllm.llm.generation import GenerationRequest, PromptEncoder
 from spacy_medllm.llm.loader import load_tokenizer
 from spacy_medllm.llm.server import MedLLMServerError, ServerGenerator, ServerSpec
@@ -221,7 +221,7 @@ def test_spacy_llm_and_the_ensemble_resolver_take_a_server(fake):
     server = {"@misc": "spacy_medllm.OpenAIServer.v1", "base_url": fake.url, "model": "tiny", "tokenizer": str(EMBEDDED_DIR)}
     nlp = spacy.blank("zh")
     nlp.add_pipe("llm", config={
-        "task": {"@llm_tasks": "spacy_medllm.NERTask.v1", "strategy": {"@misc": "spacy_medllm.SymbolStrategy.v1"}, "labels": {"@misc": "spacy_medllm.LabelScheme.v1", "scheme": "cmeee"}},
+        "task": {"@llm_tasks": "spacy_medllm.NERTask.v2", "strategy": {"@misc": "spacy_medllm.SymbolStrategy.v1"}, "labels": {"@misc": "spacy_medllm.LabelScheme.v1", "scheme": "cmeee"}},
         "model": {"@llm_models": "spacy_medllm.HFCausalLM.v1", "spec": server},
     })
     doc = nlp("患者发热三天")

@@ -23,6 +23,7 @@ from spacy_medllm.llm.tiny import (
 from spacy_medllm.scoring import CharSpan
 from spacy_medllm.strategies.symbol import SymbolStrategy
 from spacy_medllm.components.align import place_mention
+from spacy_medllm.recognizer import RecognizerSettings
 from spacy_medllm.training.evaluate import DevExample, GenerationEvaluator
 from spacy_medllm.training.sft import LoraSettings, SFTConfig, SFTModel, train_sft
 from spacy_medllm.training.sft_data import (
@@ -249,7 +250,7 @@ def test_qlora_on_a_4bit_qwen2_base_reloads_and_generates(tmp_path):
 def test_evaluator_scores_strict_micro_f1_by_hand():
     strategy, scheme = SymbolStrategy(template=str(TEMPLATE)), get_scheme("cmeee")
     examples = [DevExample(t, frozenset(CharSpan(s, e, lab) for lab, s, e in ents)) for t, ents in TEXTS[:2]]
-    evaluator = GenerationEvaluator(examples, strategy, scheme, constrained=False, batch_size=1)
+    evaluator = GenerationEvaluator(examples, strategy, scheme, settings=RecognizerSettings(constrained=False), rows_per_call=1)
     calls = []
 
     class Echo:  # answers every prompt with the gold target, except one missed entity
@@ -299,7 +300,7 @@ def test_cli_trains_two_steps_with_overrides(qwen_dir, tmp_path):
     result = run_cli(
         ROOT / "configs" / "train_llm_tiny.cfg", "--output", out, "--paths.base_model", qwen_dir,
         "--corpora.train.limit", 4, "--corpora.train.mixed_texts", 4, "--training.max_steps", 2, "--training.progress_bar", "false",
-        "--evaluation.limit", 2, "--evaluation.constrained", "false", "--evaluation.max_new_tokens", 8,
+        "--evaluation.limit", 2, "--evaluation.recognizer.constrained", "false", "--evaluation.recognizer.max_new_tokens", 8,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Trained 2 steps" in result.stdout

@@ -23,7 +23,7 @@ import pytest
 
 from spacy_medllm.labels import get_scheme
 from spacy_medllm.llm.generation import HFGenerator
-from spacy_medllm.recognizer import Recognizer
+from spacy_medllm.recognizer import Recognizer, RecognizerSettings
 from spacy_medllm.strategies.symbol import SymbolStrategy
 from spacy_medllm.training.evaluate import load_trained, make_generation_evaluator
 
@@ -66,7 +66,7 @@ def test_tiny_model_trained_for_minutes_finds_entities(tmp_path):
     assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
 
     strategy = SymbolStrategy(template=str(TEMPLATE))
-    evaluator = make_generation_evaluator(str(DEV), strategy, limit=HELD_OUT, max_depth=1, max_span_chars=40)
+    evaluator = make_generation_evaluator(str(DEV), strategy, recognizer=RecognizerSettings(max_depth=1, max_span_chars=40), limit=HELD_OUT)
     scores = evaluator(out / "model-last")
     print("constrained, held-out dev:", {k: scores[k] for k in ("p", "r", "f", "n_pred", "n_gold")})
     assert scores["f"] > 0.03
@@ -74,8 +74,8 @@ def test_tiny_model_trained_for_minutes_finds_entities(tmp_path):
     # The answers themselves: the prefix, then the source with balanced brackets (the copy
     # constraint's promise; free generation by this tiny model does not copy unseen text).
     texts = [eg.text for eg in evaluator.examples][:ANSWERS]
-    recognizer = Recognizer(strategy, get_scheme("cmeee"), max_chars=None, constrained=True,
-                            max_new_tokens=2 * max(map(len, texts)) + 16, max_depth=1, max_span_chars=40)
+    recognizer = Recognizer(strategy, get_scheme("cmeee"), RecognizerSettings(
+        max_chars=None, max_new_tokens=2 * max(map(len, texts)) + 16, max_depth=1, max_span_chars=40))
     lm, adapter = load_trained(out / "model-last")
     jobs = recognizer.plan(texts, lambda prompt: prompt.messages())
     results = HFGenerator(lm, adapter).generate([job.request for job in jobs], batch_size=64)

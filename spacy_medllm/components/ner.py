@@ -22,7 +22,7 @@ from ..labels import LabelScheme
 from ..llm.generation import HFGenerator
 from ..llm.loader import LoadedLM, MedLLMLoadError, ModelSpec, default_adapter_name, load_lm
 from ..llm.server import ServerGenerator, ServerSpec
-from ..recognizer import Recognizer
+from ..recognizer import Recognizer, RecognizerSettings
 from ..safety import check_links, copy_file, copy_tree
 from ..strategies.base import Strategy
 from ..types import stored_mentions
@@ -51,15 +51,10 @@ TEMPLATE_FILE = "template.jinja"
         "adapter": None,
         "strategy": {"@misc": "spacy_medllm.SymbolStrategy.v1"},
         "labels": {"@misc": "spacy_medllm.LabelScheme.v1", "scheme": "cmeee"},
+        "recognizer": {"@misc": "spacy_medllm.Recognizer.v1"},
         "batch_size": 16,
-        "max_new_tokens": 512,
-        "max_chars": 256,
+        "rows_per_call": 16,
         "max_doc_chars": None,
-        "normalize": None,
-        "constrained": True,
-        "max_depth": 2,
-        "max_span_chars": 64,
-        "open_bias": 0.0,
         "save_io": False,
         "copy_base": "auto",
     },
@@ -71,47 +66,32 @@ def make_medllm_ner(
     adapter: Optional[str],
     strategy: Strategy,
     labels: LabelScheme,
+    recognizer: RecognizerSettings,
     batch_size: int,
-    max_new_tokens: int,
-    max_chars: Optional[int],
+    rows_per_call: int,
     max_doc_chars: Optional[int],
-    normalize: Optional[str],
-    constrained: bool,
-    max_depth: int,
-    max_span_chars: int,
-    open_bias: float,
     save_io: bool,
     copy_base: Any,
 ) -> "MedLLMNer":
     """The generator. ``model``: where the base LM lives (``path = "embedded"`` is the tiny
     CMeEE model shipped with the package), or a served model (``spacy_medllm.OpenAIServer.v1``);
     ``adapter``: a peft adapter directory (in-process models; a served adapter is named
-    in the server block); ``strategy``
-    and ``labels``: how to prompt and parse; ``max_chars``: shard longer texts at sentence ends;
-    ``max_doc_chars``: skip (and count) documents longer than this instead of spending a
-    prompt per type on each of their shards (null: no limit);
-    ``normalize``: OpenCC configuration (e.g. "t2s") applied character by character;
-    ``constrained``: copy-constrained decoding for the symbol strategy, with ``max_depth``,
-    ``max_span_chars`` and ``open_bias`` (a logit bias on opening brackets, tuned on dev);
-    ``copy_base``: store
-    the base weights in a saved pipeline (true / false / "auto" = when smaller than 200 MB)."""
+    in the server block); ``strategy`` and ``labels``: how to prompt and parse;
+    ``recognizer``: sharding, normalisation, the copy constraint and the generation budget
+    (``spacy_medllm.Recognizer.v1``, the block the spacy-llm task and the dev evaluator take);
+    ``batch_size``: documents per batch; ``rows_per_call``: prompts per model call of an
+    in-process model (a server batches by itself); ``max_doc_chars``: skip (and count)
+    documents longer than this instead of spending a prompt per type on each of their
+    shards (null: no limit); ``copy_base``: store the base weights in a saved pipeline
+    (true / false / "auto" = when smaller than 200 MB)."""
     return MedLLMNer(
         nlp,
         name,
         model=model,
         adapter=adapter,
-        recognizer=Recognizer(
-            strategy,
-            labels,
-            max_chars=max_chars,
-            normalize=normalize,
-            constrained=constrained,
-            max_depth=max_depth,
-            max_span_chars=max_span_chars,
-            open_bias=open_bias,
-            max_new_tokens=max_new_tokens,
-        ),
+        recognizer=Recognizer(strategy, labels, recognizer),
         batch_size=batch_size,
+        rows_per_call=rows_per_call,
         save_io=save_io,
         copy_base=copy_base,
         max_doc_chars=max_doc_chars,
@@ -128,6 +108,7 @@ class MedLLMNer:
         adapter: Optional[str],
         recognizer: Recognizer,
         batch_size: int,
+        rows_per_call: int,
         save_io: bool,
         copy_base: Any,
         max_doc_chars: Optional[int] = None,
@@ -145,6 +126,7 @@ class MedLLMNer:
         self.adapter = adapter
         self.recognizer = recognizer
         self.batch_size = batch_size
+        self.rows_per_call = rows_per_call
         self.save_io = save_io
         self.copy_base = copy_base
         self.max_doc_chars = max_doc_chars
@@ -225,7 +207,7 @@ class MedLLMNer:
         )
         if len(jobs) > LONG_BATCH_PROMPTS:
             logger.info("%s: %d prompts for %d documents (%d characters)", self.name, len(jobs), len(docs), sum(map(len, texts)))
-        results = generator.generate([job.request for job in jobs], batch_size=self.batch_size) if jobs else []
+        results = generator.generate([job.request for job in jobs], batch_size=self.rows_per_call) if jobs else []
         recognitions = self.recognizer.read(texts, jobs, results, save_io=self.save_io)
         self.stats["prompts"] += len(jobs)
         self.stats["forward_passes"] += sum(r.forward_passes for r in results)

@@ -223,7 +223,7 @@ class LLMResolver(Resolver):
         budget += 4 * len(region_text) + 8
         constraint = None
         if self.constrained:
-            from ..llm.constrained import CopyConstraint
+            from ..llm.copy import CopyConstraint
 
             longest = max(c.length for c in region.candidates)
             constraint = CopyConstraint(

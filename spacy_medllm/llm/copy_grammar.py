@@ -2,7 +2,7 @@
 
 Inference servers (vLLM ``structured_outputs.grammar`` and SGLang ``ebnf`` through
 xgrammar, llama.cpp ``grammar``) cannot run this package's decoder; a grammar is the only
-constraint they take. This one is built by walking the :class:`~.constrained.CopyAutomaton`
+constraint they take. This one is built by walking the :class:`~.copy.automaton.CopyAutomaton`
 that the in-process decoder walks, so both accept exactly the same answers (the text the
 model writes before its end token).
 
@@ -18,7 +18,7 @@ from functools import lru_cache
 from typing import Callable, Dict, List, Optional, Tuple
 
 from ..types import CopyConstraint
-from .constrained import CopyAutomaton, _Body
+from .copy.automaton import CopyAutomaton, _Body
 
 # (source index, depth, characters enclosed by the outer bracket or -1 when it cannot run
 # out of room any more, whether a character was copied since the innermost open bracket,

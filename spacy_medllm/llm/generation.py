@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
+from .copy import generate_constrained
 from .loader import LoadedLM
 
 Messages = Sequence[Mapping[str, str]]
@@ -29,7 +30,7 @@ class GenerationRequest:
     chat: format a string prompt as one user message with the chat template.
     max_new_tokens: generation stops after this many tokens if no end token came.
     constraint: an object this module does not look into; requests carrying one are
-        decoded by :func:`spacy_medllm.llm.constrained.generate_constrained`.
+        decoded by :func:`spacy_medllm.llm.copy.generate_constrained`.
     literals: parts of a string prompt that are input text (the document), in which
         special-token strings such as ``<|im_end|>`` must stay text instead of becoming
         control tokens; the contents of a message-list prompt always are.
@@ -266,15 +267,34 @@ class HFGenerator(PromptEncoder):
     def _generate_constrained(
         self, requests: Sequence[GenerationRequest], batch_size: int
     ) -> List[GenerationResult]:
-        try:
-            from .constrained import generate_constrained
-        except ImportError as err:
-            raise NotImplementedError(
-                "Requests with a constraint are decoded by "
-                "spacy_medllm.llm.constrained.generate_constrained, which is not available "
-                f"({err})."
-            ) from err
-        return generate_constrained(self.lm, requests, adapter=self.adapter, batch_size=batch_size)
+        """Requests that carry a copy constraint, through :func:`~.copy.generate_constrained`
+        (keep the requests of one text adjacent: their shared prompt prefix is computed
+        once). ``max_new_tokens`` only cuts an answer (finish reason "length"): the
+        constraint bounds its length."""
+        prompts = [self.encode(req) for req in requests]
+        with self.lm.use(self.adapter) as model:
+            rows = generate_constrained(
+                model,
+                self.tokenizer,
+                prompts,
+                [req.constraint for req in requests],
+                stop_ids=self.stop_ids,
+                max_new_tokens=[req.max_new_tokens for req in requests],
+                batch_size=batch_size,
+            )
+        return [
+            GenerationResult(
+                text=row.text,
+                token_ids=row.token_ids,
+                logprobs=row.logprobs,
+                finish_reason="stop" if row.finished else "length",
+                forward_passes=row.forward_passes,
+                generated_tokens=len(row.token_ids),
+                prompt_tokens=len(prompt),
+                seconds=row.seconds,
+            )
+            for row, prompt in zip(rows, prompts)
+        ]
 
     def _greedy(self, prompts: List[List[int]], max_new: List[int]) -> List[GenerationResult]:
         import torch

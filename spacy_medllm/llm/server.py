@@ -34,7 +34,7 @@ import openai
 from spacy.util import registry
 
 from ..types import CopyConstraint
-from .constrained import COPY_REQUEST_ARG, CopyAutomaton, copy_request_arg
+from .copy import COPY_REQUEST_ARG, CopyAutomaton, copy_request_arg
 from .copy_grammar import copy_grammar
 from .generation import GenerationRequest, GenerationResult, PromptEncoder
 from .loader import MODEL_TEMPLATE_FILE, load_tokenizer

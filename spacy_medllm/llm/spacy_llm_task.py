@@ -1,4 +1,4 @@
-"""Our NER as a spacy-llm task: ``@llm_tasks = "spacy_medllm.NERTask.v1"``.
+"""Our NER as a spacy-llm task: ``@llm_tasks = "spacy_medllm.NERTask.v2"``.
 
 With ``spacy_medllm.HFCausalLM.v1`` as the model, spacy-llm's own ``llm`` component runs any
 of our annotation strategies on a local fine-tuned checkpoint. Each doc's prompts (one per
@@ -18,7 +18,7 @@ from spacy_llm.registry import registry
 from .. import DEFAULT_SPANS_KEY
 from ..components.align import MedLLMAlign
 from ..labels import LabelScheme
-from ..recognizer import Recognizer
+from ..recognizer import Recognizer, RecognizerSettings
 from ..strategies.base import Strategy
 from ..types import stored_mentions
 from .generation import GenerationRequest
@@ -81,36 +81,22 @@ class MedLLMNERTask:
         return self._templated[template]
 
 
-@registry.llm_tasks("spacy_medllm.NERTask.v1")
+@registry.llm_tasks("spacy_medllm.NERTask.v2")
 def make_ner_task(
     strategy: Strategy,
     labels: LabelScheme,
+    recognizer: Optional[RecognizerSettings] = None,
     spans_key: str = DEFAULT_SPANS_KEY,
-    max_chars: Optional[int] = 256,
-    normalize: Optional[str] = None,
-    constrained: bool = True,
-    max_depth: int = 2,
-    max_span_chars: int = 64,
-    open_bias: float = 0.0,
-    max_new_tokens: int = 512,
     search: str = "nearest",
     alignment_mode: str = "strict",
     flat_policy: Optional[str] = "longest",
     scorer: Optional[Callable] = None,
 ) -> MedLLMNERTask:
     """The generator + aligner of ``medllm_ner``/``medllm_align`` as one spacy-llm task; the
-    arguments mean what they mean on those components."""
-    recognizer = Recognizer(
-        strategy,
-        labels,
-        max_chars=max_chars,
-        normalize=normalize,
-        constrained=constrained,
-        max_depth=max_depth,
-        max_span_chars=max_span_chars,
-        open_bias=open_bias,
-        max_new_tokens=max_new_tokens,
-    )
+    arguments mean what they mean on those components (``recognizer``: the
+    ``spacy_medllm.Recognizer.v1`` block, its defaults when left out). v2: the decoding
+    settings moved into that block."""
+    recognizer = Recognizer(strategy, labels, recognizer or RecognizerSettings())
     if scorer is None:
         from ..scoring import make_span_scorer
 

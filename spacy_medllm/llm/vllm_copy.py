@@ -5,7 +5,7 @@ A grammar (what :mod:`.copy_grammar` sends) makes the server pick the most proba
 *allowed* token, which is the in-process decoder with ``text_mass`` off; with a model that
 copies imperfectly that rule brackets nearly every word. ``text_mass`` weighs a bracket
 against all text tokens together, legal or not, so it needs the model's raw distribution,
-which only a logits processor sees. This one runs :class:`~.constrained.CopyRule` on the
+which only a logits processor sees. This one runs :class:`~.copy.rule.CopyRule` on the
 requests that carry a constraint in ``vllm_xargs`` (the ``OpenAIServer`` generator writes
 it) and leaves every other request alone. Start the server with::
 
@@ -25,7 +25,7 @@ from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from .constrained import COPY_REQUEST_ARG, CopyCursor, CopyRule, read_copy_request_arg
+from .copy.rule import COPY_REQUEST_ARG, CopyCursor, CopyRule, read_copy_request_arg
 
 logger = logging.getLogger("spacy_medllm.vllm")
 

@@ -23,7 +23,7 @@ from ..labels import LabelScheme, get_scheme
 from ..components.align import place_mention
 from ..llm.generation import HFGenerator
 from ..llm.loader import LoadedLM, MedLLMLoadError, ModelSpec, clear_cache, load_lm
-from ..recognizer import Recognizer
+from ..recognizer import Recognizer, RecognizerSettings
 from ..scoring import CharSpan, SpanScores, add_span_sets
 from ..strategies.base import Strategy
 from .sft_data import read_gold_texts
@@ -72,9 +72,9 @@ def load_trained(model_dir: Union[str, Path], base: Optional[ModelSpec] = None) 
 class GenerationEvaluator:
     """Strict micro P/R/F1 of a saved generator on dev texts (see the module docstring).
 
-    ``constrained``: decode with the strategy's copy constraint when it has one (symbol);
-    ``max_depth`` / ``max_span_chars`` bound the nesting and the characters one bracket
-    may enclose (``llm.constrained.CopyConstraint``).
+    ``settings``: prompting and decoding, the block ``medllm_ner`` serves with
+    (:class:`~spacy_medllm.recognizer.RecognizerSettings`), so a checkpoint is selected
+    under the rules it will be served with; ``rows_per_call``: prompts per model call.
     ``base``: how to load the base model of an adapter (e.g. 4-bit for QLoRA); default the
     base path the adapter names, with default loading settings.
     """
@@ -85,11 +85,8 @@ class GenerationEvaluator:
         strategy: Strategy,
         scheme: LabelScheme,
         *,
-        constrained: bool = True,
-        batch_size: int = 32,
-        max_new_tokens: int = 0,
-        max_depth: int = 2,
-        max_span_chars: int = 30,
+        settings: RecognizerSettings = RecognizerSettings(),
+        rows_per_call: int = 32,
         base: Optional[ModelSpec] = None,
         progress_bar: bool = True,
     ) -> None:
@@ -98,10 +95,8 @@ class GenerationEvaluator:
         self.examples = list(examples)
         self.strategy = strategy
         self.scheme = scheme
-        self.constrained = constrained and hasattr(strategy, "copy_constraint")
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-        self.limits = {"max_depth": max_depth, "max_span_chars": max_span_chars}
+        self.settings = settings
+        self.rows_per_call = rows_per_call
         self.base = base
         self.progress_bar = progress_bar
 
@@ -122,23 +117,16 @@ class GenerationEvaluator:
         the generator's own prompting and parsing (:class:`~spacy_medllm.recognizer.Recognizer`)
         and the aligner's placement of offset-less mentions."""
         texts = [eg.text for eg in self.examples]
-        recognizer = Recognizer(
-            self.strategy,
-            self.scheme,
-            max_chars=None,
-            constrained=self.constrained,
-            max_new_tokens=self.max_new_tokens or 4 * max(len(t) for t in texts) + 64,
-            **self.limits,
-        )
+        recognizer = Recognizer(self.strategy, self.scheme, self.settings)
         jobs = recognizer.plan(texts, lambda prompt: prompt.messages())
         requests = [job.request for job in jobs]
         # several batches per call keep the continuous batching full; the bar shows at a terminal only
-        chunk = EVAL_CHUNK_BATCHES * self.batch_size
+        chunk = EVAL_CHUNK_BATCHES * self.rows_per_call
         results = []
         with tqdm(total=len(requests), unit="prompt", desc="dev evaluation", disable=None if self.progress_bar else True) as bar:
             for i in range(0, len(requests), chunk):
                 part = requests[i : i + chunk]
-                results += generator.generate(part, batch_size=self.batch_size)
+                results += generator.generate(part, batch_size=self.rows_per_call)
                 bar.update(len(part))
         predictions, discarded = [], Counter()
         for text, recognition in zip(texts, recognizer.read(texts, jobs, results)):
@@ -167,35 +155,30 @@ class GenerationEvaluator:
         }
 
 
-@registry.misc("spacy_medllm.GenerationEvaluator.v1")
+@registry.misc("spacy_medllm.GenerationEvaluator.v2")
 def make_generation_evaluator(
     path: str,
     strategy: Strategy,
     scheme: Union[str, Dict[str, Any]] = "cmeee",
+    recognizer: Optional[RecognizerSettings] = None,
     spans_key: str = DEFAULT_SPANS_KEY,
     limit: int = 0,
-    constrained: bool = True,
-    batch_size: int = 32,
-    max_new_tokens: int = 0,
-    max_depth: int = 2,
-    max_span_chars: int = 30,
+    rows_per_call: int = 32,
     base: Optional[ModelSpec] = None,
     progress_bar: bool = True,
 ) -> GenerationEvaluator:
     """The default dev evaluator (``[evaluation]`` block of a ``train-llm`` config).
 
-    ``limit`` > 0 scores only the first that many dev texts (quicker epochs);
-    ``max_new_tokens`` 0 allows 4 tokens per text character plus 64.
+    ``recognizer``: the ``spacy_medllm.Recognizer.v1`` block (give it the pipeline's
+    settings; its defaults when left out); ``limit`` > 0 scores only the first that many
+    dev texts (quicker epochs). v2: the decoding settings moved into ``recognizer``.
     """
     return GenerationEvaluator(
         read_dev_examples(path, spans_key, limit),
         strategy,
         get_scheme(scheme),
-        constrained=constrained,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        max_depth=max_depth,
-        max_span_chars=max_span_chars,
+        settings=recognizer or RecognizerSettings(),
+        rows_per_call=rows_per_call,
         base=base,
         progress_bar=progress_bar,
     )
