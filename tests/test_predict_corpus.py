@@ -21,16 +21,6 @@ SHARDS = ["b.txt.00000", "b.txt.00001", "notes__a.jsonl.00000", "notes__a.jsonl.
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    nlp = spacy.blank("zh", config={"nlp": {"tokenizer": {"@tokenizers": "spacy_medllm.CharTokenizer.v1"}}})
-    nlp.add_pipe("medllm_ner", config={"labels": {"@misc": "spacy_medllm.LabelScheme.v1", "scheme": "cmeee"}})
-    nlp.add_pipe("medllm_align")
-    path = tmp_path_factory.mktemp("pipe") / "pipe"
-    nlp.to_disk(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def texts():
     return [r["text"] for r in json.loads((ASSETS / "cmeee_dev.json").read_text(encoding="utf8"))[:30]]
 

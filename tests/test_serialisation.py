@@ -2,7 +2,6 @@
 import subprocess
 import sys
 
-import pytest
 import spacy
 import torch
 from spacy.tokens import DocBin
@@ -16,16 +15,6 @@ TEXTS = ["患者出现发热、咳嗽，胸部CT提示肺炎。", "给予阿莫�
 
 def spans(doc):
     return [(s.start_char, s.end_char, s.label_) for s in doc.spans["sc"]], [(e.start_char, e.end_char, e.label_) for e in doc.ents]
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    nlp = spacy.blank("zh", config={"nlp": {"tokenizer": {"@tokenizers": "spacy_medllm.CharTokenizer.v1"}}})
-    nlp.add_pipe("medllm_ner", config={"labels": {"@misc": "spacy_medllm.LabelScheme.v1", "scheme": "cmeee"}})
-    nlp.add_pipe("medllm_align")
-    path = tmp_path_factory.mktemp("ser") / "pipe"
-    nlp.to_disk(path)
-    return path
 
 
 def test_docs_round_trip_through_docbin_with_user_data(saved):

@@ -20,7 +20,8 @@ from spacy.util import ensure_path, minibatch
 from ..embedded import resolve_model_path
 from ..labels import LabelScheme
 from ..llm.generation import HFGenerator
-from ..llm.loader import LoadedLM, MedLLMLoadError, ModelSpec, default_adapter_name, load_lm
+from ..llm.backends import open_generator
+from ..llm.loader import LoadedLM, MedLLMLoadError, ModelSpec
 from ..llm.server import ServerGenerator, ServerSpec
 from ..recognizer import Recognizer, RecognizerSettings
 from ..safety import check_links, copy_file, copy_tree
@@ -142,13 +143,9 @@ class MedLLMNer:
         if isinstance(self.spec, ServerSpec):
             raise MedLLMLoadError(f"{self.name}: the model is served at {self.spec.base_url}, not loaded here.")
         if self._lm is None:
-            spec = replace(self.spec, path=str(resolve_model_path(self.spec.path)))
-            lm = load_lm(spec)
-            if self.adapter is not None:
-                self._adapter_name = default_adapter_name(Path(self.adapter))
-                lm.add_adapter(self._adapter_name, self.adapter)
-            self._lm = lm
-            self._use_model_template(self.generator)
+            generator = open_generator(replace(self.spec, path=str(resolve_model_path(self.spec.path))), self.adapter)
+            self._lm, self._adapter_name = generator.lm, generator.adapter
+            self._use_model_template(generator)
         return self._lm
 
     def _use_model_template(self, generator: Union[HFGenerator, ServerGenerator]) -> None:

@@ -218,6 +218,11 @@ class PromptEncoder:
             raise ValueError("Empty prompt: the model needs at least one prompt token.")
         return ids
 
+    def answer_text(self, token_ids: Sequence[int]) -> str:
+        """The text of an answer's tokens, its final end token (when it has one) excluded."""
+        text_ids = token_ids[:-1] if token_ids and token_ids[-1] in self.stop_ids else token_ids
+        return self.tokenizer.decode(list(text_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
     def _default_bos(self) -> Optional[int]:
         bos = self.tokenizer.bos_token_id
         if bos is None:
@@ -349,12 +354,9 @@ class HFGenerator(PromptEncoder):
         seconds = (time.perf_counter() - start) / n
         results = []
         for r in range(n):
-            text_ids = out_ids[r][:-1] if finish[r] == "stop" else out_ids[r]
             results.append(
                 GenerationResult(
-                    text=self.tokenizer.decode(
-                        text_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-                    ),
+                    text=self.answer_text(out_ids[r]),
                     token_ids=out_ids[r],
                     logprobs=out_logprobs[r],
                     finish_reason=finish[r],

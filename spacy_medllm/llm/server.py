@@ -254,8 +254,7 @@ class ServerGenerator:
         if len(token_ids) != len(tokens):
             token_ids = []  # the server wrote token texts, which do not map back to ids reliably
         if self.encoder is not None and token_ids:  # decode as in-process does
-            text_ids = token_ids[:-1] if token_ids[-1] in self.encoder.stop_ids else token_ids
-            text = self.tokenizer.decode(text_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            text = self.encoder.answer_text(token_ids)
         return GenerationResult(
             text=text,
             token_ids=token_ids,

@@ -72,8 +72,9 @@ class CopyLogitsProcessor(LogitsProcessor):
             if not self._catch_up(rule, cursor, output):
                 del self.rows[index]
                 continue
-            by_rule.setdefault(id(rule), (rule, [], []))[1].append(index)
-            by_rule[id(rule)][2].append(cursor)
+            _, indices, cursors = by_rule.setdefault(id(rule), (rule, [], []))
+            indices.append(index)
+            cursors.append(cursor)
         for rule, indices, cursors in by_rule.values():
             rows = torch.tensor(indices, dtype=torch.long, device=logits.device)
             chosen = torch.tensor(rule.choose(logits[rows], cursors), dtype=torch.long, device=logits.device)
