@@ -27,6 +27,7 @@ from spacy.tokens import Doc, DocBin
 from spacy.vocab import Vocab
 
 from . import DEFAULT_SPANS_KEY
+from .errors import CorpusError
 
 logger = logging.getLogger("spacy_medllm")
 
@@ -75,10 +76,6 @@ class InputReport:
 
 Stats = Dict[str, Counter]
 
-
-class CorpusError(ValueError):
-    """A run that cannot start as asked (no inputs, another run's folder, a missing extra):
-    the user can fix it, so the CLI shows the message alone."""
 
 
 @dataclass

@@ -5,7 +5,7 @@ rebuilds it."""
 from pathlib import Path
 from typing import Union
 
-from .llm.loader import MedLLMLoadError
+from .errors import MedLLMLoadError
 
 EMBEDDED = "embedded"
 EMBEDDED_DIR = Path(__file__).parent / "embedded_model"

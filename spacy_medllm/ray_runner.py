@@ -16,9 +16,9 @@ from typing import Any, Dict, List, Optional
 import spacy
 from spacy import util
 
+from .errors import CorpusError
 from .corpus import (
     Block,
-    CorpusError,
     Record,
     RunSummary,
     Shard,

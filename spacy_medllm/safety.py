@@ -15,13 +15,12 @@ from typing import Union
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .errors import UnsafeArtifactError
+
 TRUST_REMOTE_CODE_ENV = "SPACY_MEDLLM_TRUST_REMOTE_CODE"
 ALLOW_PICKLE_ENV = "SPACY_MEDLLM_ALLOW_PICKLE"
 _ALL = {"1", "true", "yes", "all"}
 
-
-class UnsafeArtifactError(ValueError):
-    """A saved pipeline or model asks for something the loading user has not allowed."""
 
 
 def template_environment(loader: jinja2.BaseLoader) -> ImmutableSandboxedEnvironment:
@@ -101,7 +100,6 @@ def copy_file(src: Union[str, Path], dst: Union[str, Path]) -> None:
 __all__ = [
     "TRUST_REMOTE_CODE_ENV",
     "ALLOW_PICKLE_ENV",
-    "UnsafeArtifactError",
     "template_environment",
     "allowed_by_user",
     "require_user_permission",

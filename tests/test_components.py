@@ -10,7 +10,8 @@ from spacy.training import Example
 
 from spacy_medllm.components.align import MedLLMAlign
 from spacy_medllm.labels import get_scheme
-from spacy_medllm.llm.loader import MedLLMLoadError, ModelSpec, load_lm
+from spacy_medllm.errors import MedLLMLoadError
+from spacy_medllm.llm.loader import ModelSpec, load_lm
 from spacy_medllm.llm.tiny import TinyModelConfig, init_tiny
 from spacy_medllm.recognizer import Recognizer, RecognizerSettings
 from spacy_medllm.scoring import score_examples

@@ -19,7 +19,7 @@ from spacy_medllm.training.copy_data import (
     pieces,
 )
 from spacy_medllm.training.sft import SFTConfig, SFTModel, train_sft
-from spacy_medllm.training.sft_data import SFTError
+from spacy_medllm.errors import SFTError
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]

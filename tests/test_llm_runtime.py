@@ -13,7 +13,8 @@ from spacy_medllm.llm.generation import (
     format_prompt,
     stop_token_ids,
 )
-from spacy_medllm.llm.loader import MedLLMLoadError, ModelSpec, default_adapter_name, load_lm
+from spacy_medllm.errors import MedLLMLoadError
+from spacy_medllm.llm.loader import ModelSpec, default_adapter_name, load_lm
 from spacy_medllm.llm.tiny import TinyModelConfig, build_char_tokenizer, build_tiny_model
 
 CORPUS = "患者可高热39～40℃，神志大多清晰，部分患者有精神失常，头痛三天伴呕吐。Fever and headache for 3 days."

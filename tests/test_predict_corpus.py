@@ -11,7 +11,7 @@ import torch
 from spacy.tokens import DocBin
 
 from spacy_medllm.cli.predict import predict_corpus, print_summary
-from spacy_medllm.corpus import CorpusError
+from spacy_medllm.errors import CorpusError
 
 torch.set_num_threads(1)  # as the Ray actors (one CPU each): the same arithmetic, the same bytes
 

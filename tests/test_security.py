@@ -14,13 +14,13 @@ from spacy_medllm.ensemble.llm_resolver import _load_template
 from spacy_medllm.labels import get_scheme
 from spacy_medllm.llm.cls_head import load_classifier
 from spacy_medllm.llm.generation import GenerationRequest, HFGenerator, encode_with_literals
-from spacy_medllm.llm.loader import MedLLMLoadError, ModelSpec, clear_cache, load_lm
+from spacy_medllm.errors import MedLLMLoadError, UnsafeArtifactError
+from spacy_medllm.llm.loader import ModelSpec, clear_cache, load_lm
 from spacy_medllm.llm.tiny import TinyModelConfig, init_tiny
 from spacy_medllm.recognizer import Recognizer, RecognizerSettings
 from spacy_medllm.safety import (
     ALLOW_PICKLE_ENV,
     TRUST_REMOTE_CODE_ENV,
-    UnsafeArtifactError,
     allowed_by_user,
     check_links,
     copy_tree,

@@ -2,7 +2,6 @@
 parts a real one can fail in: dropped connections, 5xx, a missing model, a rejected grammar,
 a grammar ignored. (A real vLLM server: tests/test_vllm_server.py.)"""
 import json
-import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -14,7 +13,8 @@ from spacy_medllm.embedded import EMBEDDED_DIR
 from spacy_medllm.llm.copy import COPY_REQUEST_ARG, read_copy_request_arg
 from spacy_medllm.llm.generation import GenerationRequest, PromptEncoder
 from spacy_medllm.llm.loader import load_tokenizer
-from spacy_medllm.llm.server import MedLLMServerError, ServerGenerator, ServerSpec
+from spacy_medllm.errors import MedLLMServerError
+from spacy_medllm.llm.server import ServerGenerator, ServerSpec
 from spacy_medllm.types import CopyConstraint
 
 TOKENIZER = load_tokenizer(EMBEDDED_DIR, trust_remote_code=False)

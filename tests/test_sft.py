@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from spacy_medllm.labels import get_scheme
 from spacy_medllm.llm.generation import GenerationRequest, HFGenerator, stop_token_ids
-from spacy_medllm.llm.loader import MedLLMLoadError, ModelSpec, clear_cache, load_lm
+from spacy_medllm.errors import MedLLMLoadError, SFTError
+from spacy_medllm.llm.loader import ModelSpec, clear_cache, load_lm
 from spacy_medllm.llm.tiny import (
     TinyModelConfig,
     build_char_tokenizer,
@@ -30,7 +31,6 @@ from spacy_medllm.training.sft_data import (
     IGNORE_INDEX,
     ChatRecord,
     GoldText,
-    SFTError,
     clauses,
     encode_chat,
     epoch_batches,

@@ -14,9 +14,9 @@ from spacy.language import Language
 from spacy.tokens import Doc, DocBin
 from wasabi import msg
 
+from ..errors import CorpusError
 from ..corpus import (
     Block,
-    CorpusError,
     RunSummary,
     annotate,
     make_shard,

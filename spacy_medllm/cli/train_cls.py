@@ -7,9 +7,8 @@ from spacy.cli._util import Arg, Opt, parse_config_overrides
 from thinc.api import ConfigValidationError
 from wasabi import msg
 
-from ..llm.loader import MedLLMLoadError
+from ..errors import MedLLMLoadError, SFTError
 from ..training.cls_train import train_from_config
-from ..training.sft_data import SFTError
 from . import medllm_cli
 
 

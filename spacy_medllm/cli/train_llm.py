@@ -8,11 +8,10 @@ from spacy.util import load_config, registry
 from thinc.api import ConfigValidationError
 from wasabi import msg
 
-from ..llm.loader import MedLLMLoadError
+from ..errors import MedLLMLoadError, SFTError
 from ..strategies import STRATEGIES  # noqa: F401  (registers the strategies a config names)
 from ..training import evaluate as _evaluate  # noqa: F401  (registers spacy_medllm.GenerationEvaluator.v2)
 from ..training.sft import SFTConfig, SFTModel, TrainResult, train_sft
-from ..training.sft_data import SFTError
 from . import medllm_cli
 
 SECTIONS = ("paths", "model", "corpora", "training")

@@ -21,7 +21,8 @@ from ..embedded import resolve_model_path
 from ..labels import LabelScheme
 from ..llm.generation import HFGenerator
 from ..llm.backends import open_generator
-from ..llm.loader import LoadedLM, MedLLMLoadError, ModelSpec
+from ..errors import MedLLMLoadError
+from ..llm.loader import LoadedLM, ModelSpec
 from ..llm.server import ServerGenerator, ServerSpec
 from ..recognizer import Recognizer, RecognizerSettings
 from ..safety import check_links, copy_file, copy_tree

@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 from ..safety import check_links
-from .loader import LoadedLM, MedLLMLoadError, ModelSpec, default_adapter_name, load_lm
+from ..errors import MedLLMLoadError
+from .loader import LoadedLM, ModelSpec, default_adapter_name, load_lm
 from .peft_model import unwrap_peft
 
 MARKERS = ("<ent>", "</ent>")

@@ -15,6 +15,7 @@ from typing import Any, Dict, Iterator, Optional, Union
 
 from spacy.util import registry
 
+from ..errors import MedLLMLoadError
 from ..safety import (
     ALLOW_PICKLE_ENV,
     TRUST_REMOTE_CODE_ENV,
@@ -35,9 +36,6 @@ _LORA_KEY = re.compile(
     r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(\.|$)"
 )
 
-
-class MedLLMLoadError(RuntimeError):
-    """A model or adapter cannot be loaded as configured; the message says what to change."""
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import openai
 from spacy.util import registry
 
+from ..errors import MedLLMServerError
 from ..types import CopyConstraint
 from .copy import COPY_REQUEST_ARG, CopyAutomaton, copy_request_arg
 from .copy_grammar import copy_grammar
@@ -49,9 +50,6 @@ TOKEN_ID_PREFIX = "token_id:"
 
 logger = logging.getLogger("spacy_medllm")
 
-
-class MedLLMServerError(RuntimeError):
-    """The server cannot be used as configured; the message names its URL and what to fix."""
 
 
 @dataclass(frozen=True)

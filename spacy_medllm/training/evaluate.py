@@ -22,7 +22,8 @@ from .. import DEFAULT_SPANS_KEY
 from ..labels import LabelScheme, get_scheme
 from ..components.align import place_mention
 from ..llm.generation import HFGenerator
-from ..llm.loader import LoadedLM, MedLLMLoadError, ModelSpec, clear_cache, load_lm
+from ..errors import MedLLMLoadError
+from ..llm.loader import LoadedLM, ModelSpec, clear_cache, load_lm
 from ..recognizer import Recognizer, RecognizerSettings
 from ..scoring import CharSpan, SpanScores, add_span_sets
 from ..strategies.base import Strategy

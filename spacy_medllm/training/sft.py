@@ -30,12 +30,12 @@ import srsly
 from spacy.util import registry
 from wasabi import msg
 
+from ..errors import SFTError
 from ..llm.generation import stop_token_ids
 from ..llm.loader import MODEL_TEMPLATE_FILE, ModelSpec, clear_cache, load_lm
 from .sft_data import (
     IGNORE_INDEX,
     ChatRecord,
-    SFTError,
     apply_cutoff,
     collate,
     encode_chat,

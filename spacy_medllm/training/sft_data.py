@@ -9,13 +9,11 @@ from spacy.util import registry
 from wasabi import msg
 
 from .. import DEFAULT_SPANS_KEY
+from ..errors import SFTError
 from ..types import Mention
 
 IGNORE_INDEX = -100
 
-
-class SFTError(ValueError):
-    """The training data or settings cannot be used as given; the message says what to change."""
 
 
 @dataclass(frozen=True)
