@@ -491,7 +491,7 @@ def qlora_step(config, device: str) -> Tuple[None, Dict[str, Any]]:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
-    from spacy_medllm.llm.loader import disable_bnb_cpu_packing
+    from spacy_medllm.llm.placement import disable_bnb_cpu_packing
     from spacy_medllm.training.sft import LoraSettings
 
     compute = torch.bfloat16 if device.startswith("cuda") else torch.float32

@@ -21,3 +21,12 @@ class SFTError(ValueError):
 class CorpusError(ValueError):
     """A run that cannot start as asked (no inputs, another run's folder, a missing extra):
     the user can fix it, so the CLI shows the message alone."""
+
+
+def first_line(err: BaseException) -> str:
+    """The informative line of a (possibly long, multi-line) library error."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("size mismatch"):
+            return line.rstrip(".")
+    return (lines[0] if lines else type(err).__name__).rstrip(".")

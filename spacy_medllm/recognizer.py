@@ -106,7 +106,6 @@ class Recognizer:
         self.strategy = strategy
         self.scheme = scheme
         self.settings = settings
-        self.constrained = settings.constrained and hasattr(strategy, "copy_constraint")
 
     @property
     def normalize(self) -> Optional[str]:
@@ -124,10 +123,10 @@ class Recognizer:
                 if self.normalize:
                     shard = normalize_text(shard, self.normalize)
                 for prompt in self.strategy.prompts(shard, self.scheme):
-                    constraint = None
-                    if self.constrained:
+                    constraint = self.strategy.copy_constraint(shard, prompt) if self.settings.constrained else None
+                    if constraint is not None:
                         constraint = replace(
-                            self.strategy.copy_constraint(shard, prompt),
+                            constraint,
                             max_depth=self.settings.max_depth,
                             max_span_chars=self.settings.max_span_chars,
                             open_bias=self.settings.open_bias,

@@ -1,5 +1,6 @@
-"""Nested span groups and their flat, non-overlapping view in ``doc.ents``."""
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+"""Nested span groups, their flat, non-overlapping view in ``doc.ents``, and the sentence
+context a span is judged in."""
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from spacy.tokens import Doc, Span, SpanGroup
 
@@ -58,3 +59,12 @@ def set_spans(
     if flat_policy is not None:
         doc.ents = flat_view(spans, flat_policy, scores)
     return group
+
+
+def span_context(doc: Doc, start_token: int, end_token: int) -> Tuple[int, int]:
+    """Character bounds of the sentences covering tokens ``[start_token, end_token)``."""
+    if not doc.has_annotation("SENT_START") or end_token <= start_token:
+        return 0, len(doc.text)
+    first = doc[start_token].sent
+    last = doc[end_token - 1].sent
+    return first.start_char, last.end_char

@@ -81,8 +81,8 @@ class CopyConstraint:
     copy of the source (symbol, mark) make one per prompt; the decoder enforces it.
 
     ``max_depth`` bounds nesting, ``max_span_chars`` the number of source characters an
-    open bracket may enclose (64: 0.4% of CMeEE entities are longer than 30 characters,
-    9 of 61,794 longer than 64). ``forbid_double_open`` disallows ``[[`` and ``forbid_empty``
+    open bracket may enclose (the README's architecture notes say why the default is 64).
+    ``forbid_double_open`` disallows ``[[`` and ``forbid_empty``
     ``[]``. Brackets may only be inserted between source characters; a source that itself
     contains ``[`` or ``]`` is copied literally (the automaton keeps both readings).
     ``open_bias`` is added to the logit of every token that starts with ``open``: a
@@ -94,7 +94,7 @@ class CopyConstraint:
     probable than *all* text tokens together (legal or not), not merely more probable
     than the one source token that may come next: a bracket is a decision "mark here or
     not", and a model that copies imperfectly spreads its "not" over many characters,
-    so the per-token rule opens brackets almost everywhere (measured on the tiny model).
+    so the per-token rule opens brackets almost everywhere.
     """
 
     source: str

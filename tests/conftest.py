@@ -1,6 +1,35 @@
 """Fixtures several test modules share."""
+from pathlib import Path
+from typing import Optional
+
 import pytest
 import spacy
+
+from spacy_medllm.llm.tiny import TinyModelConfig, init_tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """``tiny_model_dir(text, arch="qwen2", name=None, **shape) -> Path``: a random tiny model saved in
+    the Hugging Face layout, with a character vocabulary covering ``text``. Shapes default to
+    the smallest that exercise grouped-query attention (hidden 32, 2 layers, 2 heads, 1 KV
+    head); ``name`` starts the folder's name (messages that show paths can be checked); each
+    distinct request is built once per test session."""
+    built = {}
+
+    def make(text: str, arch: str = "qwen2", name: Optional[str] = None, **shape) -> Path:
+        shape = {"hidden": 32, "layers": 2, "heads": 2, "kv_heads": 1, "seed": 1, **shape}
+        shape.setdefault("intermediate", 2 * shape["hidden"])
+        key = (text, arch, name, tuple(sorted(shape.items())))
+        if key not in built:
+            root = tmp_path_factory.mktemp(name or f"tiny_{arch}")
+            corpus = root / "corpus.txt"
+            corpus.write_text(text, encoding="utf8")
+            init_tiny(root / "model", [corpus], TinyModelConfig(arch=arch, **shape))
+            built[key] = root / "model"
+        return built[key]
+
+    return make
 
 
 @pytest.fixture(scope="module")

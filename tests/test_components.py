@@ -12,7 +12,6 @@ from spacy_medllm.components.align import MedLLMAlign
 from spacy_medllm.labels import get_scheme
 from spacy_medllm.errors import MedLLMLoadError
 from spacy_medllm.llm.loader import ModelSpec, load_lm
-from spacy_medllm.llm.tiny import TinyModelConfig, init_tiny
 from spacy_medllm.recognizer import Recognizer, RecognizerSettings
 from spacy_medllm.scoring import score_examples
 from spacy_medllm.strategies.entity_category import EntityCategoryStrategy
@@ -27,16 +26,8 @@ CMEEE = get_scheme("cmeee")
 
 
 @pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    corpus = root / "corpus.txt"
-    corpus.write_text("".join(SENTENCES) + "咳嗽發熱肺炎", encoding="utf8")
-    dirs = {}
-    for arch in ("qwen2", "llama"):
-        cfg = TinyModelConfig(arch=arch, hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, seed=1)
-        init_tiny(root / arch, [corpus], cfg)
-        dirs[arch] = root / arch
-    return dirs
+def tiny_dirs(tiny_model_dir):
+    return {arch: tiny_model_dir("".join(SENTENCES) + "咳嗽發熱肺炎", arch) for arch in ("qwen2", "llama")}
 
 
 def char_nlp():

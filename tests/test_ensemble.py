@@ -14,7 +14,7 @@ from spacy_medllm.ensemble import IntersectionResolver, UnionResolver, VoteResol
 from spacy_medllm.ensemble.llm_resolver import TEMPLATE_DIR, LLMResolver
 from spacy_medllm.labels import get_scheme
 from spacy_medllm.llm.loader import ModelSpec
-from spacy_medllm.training.exemplars import (
+from spacy_medllm.ensemble.exemplars import (
     collect_entities,
     read_exemplars,
     save_exemplars,
@@ -350,18 +350,11 @@ def test_llm_resolver_batches_all_regions_of_all_docs_in_one_call():
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from spacy_medllm.llm.tiny import TinyModelConfig, init_tiny
-
-    root = tmp_path_factory.mktemp("tiny")
-    corpus = root / "corpus.txt"
+def tiny_model(tiny_model_dir):
     templates = [p.read_text(encoding="utf8") for p in TEMPLATE_DIR.glob("*.jinja")]
     defs = "".join(f"{i.name}{i.definition}" for i in CMEEE)
     exemplar_text = "".join(t for texts in EXEMPLARS.values() for t in texts)
-    corpus.write_text(TEXT + defs + "".join(templates) + exemplar_text, encoding="utf8")
-    config = TinyModelConfig(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, max_positions=2048)
-    init_tiny(root / "model", [corpus], config)
-    return root / "model"
+    return tiny_model_dir(TEXT + defs + "".join(templates) + exemplar_text, layers=1, seed=0, max_positions=2048)
 
 
 def test_llm_resolver_end_to_end_with_a_random_tiny_model(tiny_model, tmp_path):
@@ -408,7 +401,7 @@ def test_llm_resolver_falls_back_to_vote_on_garbage(tiny_model):
 
 def test_exemplars_from_hidden_states_of_the_tiny_model(tiny_model, tmp_path):
     from spacy_medllm.llm.loader import load_lm
-    from spacy_medllm.training.exemplars import lm_embedder
+    from spacy_medllm.ensemble.exemplars import lm_embedder
 
     lm = load_lm(ModelSpec(path=str(tiny_model), device="cpu"))
     assert lm.tokenizer("糖尿病", add_special_tokens=False).input_ids, "the loaded tokenizer drops the text"

@@ -15,19 +15,11 @@ from spacy_medllm.llm.generation import (
 )
 from spacy_medllm.errors import MedLLMLoadError
 from spacy_medllm.llm.loader import ModelSpec, default_adapter_name, load_lm
-from spacy_medllm.llm.tiny import TinyModelConfig, build_char_tokenizer, build_tiny_model
+from spacy_medllm.llm.tiny import build_char_tokenizer
 
 CORPUS = "患者可高热39～40℃，神志大多清晰，部分患者有精神失常，头痛三天伴呕吐。Fever and headache for 3 days."
 PROMPTS = ["患者高热", "头痛三天伴呕吐，神志清晰，部分患者有精神失常。", "Fever", "部分患者有精神失常"]
 MAX_NEW = [7, 5, 9, 6]
-
-
-def _save_tiny(path, arch, hidden=64, seed=0):
-    tok = build_char_tokenizer(CORPUS)
-    config = TinyModelConfig(arch=arch, hidden=hidden, layers=2, heads=4, kv_heads=2, intermediate=2 * hidden, seed=seed)
-    build_tiny_model(tok, config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 def _save_lora(base_path, out, seed, **lora_kwargs):
@@ -45,10 +37,10 @@ def _save_lora(base_path, out, seed, **lora_kwargs):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("tiny_models")
-    paths = {arch: _save_tiny(root / arch, arch) for arch in ("qwen2", "llama")}
-    paths["qwen2_small"] = _save_tiny(root / "qwen2_small", "qwen2", hidden=32, seed=5)
+    paths = {arch: str(tiny_model_dir(CORPUS, arch, hidden=64, heads=4, kv_heads=2, seed=0)) for arch in ("qwen2", "llama")}
+    paths["qwen2_small"] = str(tiny_model_dir(CORPUS, "qwen2", "qwen2_small", hidden=32, heads=4, kv_heads=2, seed=5))
     paths["lora_a"] = _save_lora(paths["qwen2"], root / "lora_a", seed=1)
     paths["lora_b"] = _save_lora(paths["qwen2"], root / "lora_b", seed=2)
     paths["lora_llama"] = _save_lora(paths["llama"], root / "lora_llama", seed=3)

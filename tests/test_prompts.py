@@ -213,7 +213,7 @@ def test_in_context_prompts(tmp_path):
     assert prompt.input.endswith(plain.input) and prompt.input.count("示例") == 2 and "答案：\n临床表现：" in prompt.input
     # the answer format is the base strategy's, including what a constrained decoder needs
     assert strategy.copy_constraint(TEXT, prompt) == SymbolStrategy().copy_constraint(TEXT, prompt)
-    assert not hasattr(InContextStrategy(JsonStrategy(), TfidfRetriever().fit(DEMOS)), "copy_constraint")
+    assert InContextStrategy(JsonStrategy(), TfidfRetriever().fit(DEMOS)).copy_constraint(TEXT, prompt) is None
 
 
 # -- build-instructions ----------------------------------------------------------------------

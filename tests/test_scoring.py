@@ -13,13 +13,12 @@ from spacy.tokens import Doc, DocBin, Span
 from spacy.training import Example
 from spacy.util import registry
 
+from spacy_medllm.error_taxonomy import error_taxonomy, render_error_report
 from spacy_medllm.scoring import (
     CharSpan,
     char_bio_tags,
     conll_chunks,
-    error_taxonomy,
     examples_from_docs,
-    render_error_report,
     score_bio,
     score_char_bio,
     score_ents,

@@ -16,7 +16,6 @@ from spacy_medllm.llm.cls_head import load_classifier
 from spacy_medllm.llm.generation import GenerationRequest, HFGenerator, encode_with_literals
 from spacy_medllm.errors import MedLLMLoadError, UnsafeArtifactError
 from spacy_medllm.llm.loader import ModelSpec, clear_cache, load_lm
-from spacy_medllm.llm.tiny import TinyModelConfig, init_tiny
 from spacy_medllm.recognizer import Recognizer, RecognizerSettings
 from spacy_medllm.safety import (
     ALLOW_PICKLE_ENV,
@@ -43,13 +42,8 @@ def payload(marker):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sec")
-    corpus = root / "corpus.txt"
-    corpus.write_text(TEXT + INJECTION + "肺炎", encoding="utf8")
-    cfg = TinyModelConfig(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, seed=1)
-    init_tiny(root / "model", [corpus], cfg)
-    return root / "model"
+def model_dir(tiny_model_dir):
+    return tiny_model_dir(TEXT + INJECTION + "肺炎")
 
 
 def saved_pipeline(model_dir, path, **ner_cfg):

@@ -23,7 +23,7 @@ from spacy_medllm.llm.tiny import (
 )
 from spacy_medllm.scoring import CharSpan
 from spacy_medllm.strategies.symbol import SymbolStrategy
-from spacy_medllm.components.align import place_mention
+from spacy_medllm.alignment import place_mention
 from spacy_medllm.recognizer import RecognizerSettings
 from spacy_medllm.training.evaluate import DevExample, GenerationEvaluator
 from spacy_medllm.training.sft import LoraSettings, SFTConfig, SFTModel, train_sft

@@ -11,7 +11,7 @@ from wasabi import msg
 from .. import DEFAULT_SPANS_KEY
 from ..labels import get_scheme
 from ..training.cls_data import KINDS, build_cls_data, write_cls_records
-from . import medllm_cli
+from .app import medllm_cli
 
 PROBLEMS = {
     "empty_gold": "empty gold spans skipped",

@@ -17,7 +17,7 @@ from wasabi import msg
 from .. import DEFAULT_SPANS_KEY
 from ..labels import LabelScheme, get_scheme
 from ..strategies import STRATEGIES, BaseStrategy, InContextStrategy, TfidfRetriever, mentions_from_doc
-from . import medllm_cli
+from .app import medllm_cli
 
 
 @dataclass

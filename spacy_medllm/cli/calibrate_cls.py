@@ -9,7 +9,7 @@ from spacy.training import Example
 from wasabi import msg
 
 from ..components.cls import calibrate, find_filter
-from . import medllm_cli
+from .app import medllm_cli
 
 
 @medllm_cli.command("calibrate-cls", short_help="Choose the filter threshold with the best dev F1")

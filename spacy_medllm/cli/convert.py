@@ -12,7 +12,7 @@ from wasabi import msg
 from .. import DEFAULT_SPANS_KEY
 from ..readers import CONVERTERS, ReadReport, guess_converter, read_docs
 from ..spans import FLAT_POLICIES
-from . import medllm_cli
+from .app import medllm_cli
 
 SHOW_PROBLEMS = 5
 

@@ -10,15 +10,9 @@ from spacy.vocab import Vocab
 from wasabi import msg
 
 from .. import DEFAULT_SPANS_KEY
-from ..scoring import (
-    error_taxonomy,
-    examples_from_docs,
-    flat_view,
-    render_error_report,
-    render_scores,
-    score_examples,
-)
-from . import medllm_cli
+from ..error_taxonomy import error_taxonomy, render_error_report
+from ..scoring import examples_from_docs, flat_view, render_scores, score_examples
+from .app import medllm_cli
 
 
 @medllm_cli.command("errors", short_help="Scores and the error taxonomy of predictions vs gold")

@@ -9,8 +9,8 @@ from spacy.vocab import Vocab
 from wasabi import msg
 
 from .. import DEFAULT_SPANS_KEY
-from ..training.exemplars import collect_entities, lm_embedder, save_exemplars, select_exemplars, tfidf_embedder
-from . import medllm_cli
+from ..ensemble.exemplars import collect_entities, lm_embedder, save_exemplars, select_exemplars, tfidf_embedder
+from .app import medllm_cli
 
 
 @medllm_cli.command("exemplars", short_help="Representative entities per type (K-Means) for the decision LLM")

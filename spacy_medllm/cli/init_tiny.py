@@ -5,7 +5,7 @@ from typing import List
 from spacy.cli._util import Arg, Opt
 from wasabi import msg
 
-from . import medllm_cli
+from .app import medllm_cli
 
 
 @medllm_cli.command("init-tiny", short_help="Build a tiny character-level Qwen2/Llama and its tokenizer")

@@ -28,7 +28,7 @@ from ..corpus import (
     stats_since,
     write_shard,
 )
-from . import medllm_cli
+from .app import medllm_cli
 
 ENGINES = ("local", "ray")
 LISTED_BAD_LINES = 20  # the summary names this many bad lines; the log has them all

@@ -9,7 +9,7 @@ from wasabi import msg
 
 from ..errors import MedLLMLoadError, SFTError
 from ..training.cls_train import train_from_config
-from . import medllm_cli
+from .app import medllm_cli
 
 
 @medllm_cli.command("train-cls", short_help="Train the LLM-CLS candidate filter", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

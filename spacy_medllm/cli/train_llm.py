@@ -12,7 +12,7 @@ from ..errors import MedLLMLoadError, SFTError
 from ..strategies import STRATEGIES  # noqa: F401  (registers the strategies a config names)
 from ..training import evaluate as _evaluate  # noqa: F401  (registers spacy_medllm.GenerationEvaluator.v2)
 from ..training.sft import SFTConfig, SFTModel, TrainResult, train_sft
-from . import medllm_cli
+from .app import medllm_cli
 
 SECTIONS = ("paths", "model", "corpora", "training")
 

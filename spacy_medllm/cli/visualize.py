@@ -9,7 +9,7 @@ from spacy.cli._util import Arg, Opt
 from wasabi import msg
 
 from .. import DEFAULT_SPANS_KEY
-from . import medllm_cli
+from .app import medllm_cli
 from .predict import predict_docs, read_docs
 
 

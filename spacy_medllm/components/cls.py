@@ -31,8 +31,7 @@ from ..llm.cls_head import SpanClassifier, load_classifier
 from ..llm.loader import ModelSpec
 from ..safety import check_links, copy_tree
 from ..scoring import PRF, SCORE_WEIGHTS
-from ..spans import FLAT_POLICIES, set_spans
-from ..training.cls_data import span_context
+from ..spans import FLAT_POLICIES, set_spans, span_context
 
 GENERATOR_SCORES = "generator_scores"
 

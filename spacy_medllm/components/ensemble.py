@@ -20,7 +20,7 @@ from ..ensemble import Resolver, compare, doc_groups
 from ..ensemble import llm_resolver  # noqa: F401  (registers spacy_medllm.LLMResolver.v1)
 from ..scoring import SCORE_WEIGHTS
 from ..spans import FLAT_POLICIES, set_spans
-from ..training.exemplars import collect_entities, select_exemplars, tfidf_embedder
+from ..ensemble.exemplars import collect_entities, select_exemplars, tfidf_embedder
 
 EXEMPLARS_FILE = "exemplars.json"
 

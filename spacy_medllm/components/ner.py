@@ -18,10 +18,11 @@ from spacy.tokens import Doc
 from spacy.util import ensure_path, minibatch
 
 from ..embedded import resolve_model_path
-from ..labels import LabelScheme
-from ..llm.generation import HFGenerator
-from ..llm.backends import open_generator
 from ..errors import MedLLMLoadError
+from ..extensions import LLM_IO, LLM_MENTIONS, LLM_SEARCH_TEXT, per_generator
+from ..labels import LabelScheme
+from ..llm.backends import open_generator
+from ..llm.generation import HFGenerator
 from ..llm.loader import LoadedLM, ModelSpec
 from ..llm.server import ServerGenerator, ServerSpec
 from ..recognizer import Recognizer, RecognizerSettings
@@ -31,13 +32,6 @@ from ..types import stored_mentions
 
 logger = logging.getLogger("spacy_medllm")
 
-if not Doc.has_extension("llm_mentions"):
-    Doc.set_extension("llm_mentions", default=None)
-if not Doc.has_extension("llm_search_text"):
-    Doc.set_extension("llm_search_text", default=None)
-if not Doc.has_extension("llm_io"):
-    Doc.set_extension("llm_io", default=None)
-
 # A base model whose weights are smaller than this is copied into a saved pipeline when
 # ``copy_base`` is left on "auto"; larger ones are referenced by path.
 AUTO_COPY_LIMIT_BYTES = 200 * 1024 * 1024
@@ -45,6 +39,7 @@ AUTO_COPY_LIMIT_BYTES = 200 * 1024 * 1024
 LONG_BATCH_PROMPTS = 1000
 # A custom prompt template is stored with the pipeline under this name.
 TEMPLATE_FILE = "template.jinja"
+
 
 @Language.factory(
     "medllm_ner",
@@ -60,6 +55,7 @@ TEMPLATE_FILE = "template.jinja"
         "save_io": False,
         "copy_base": "auto",
     },
+    assigns=[f"doc._.{LLM_MENTIONS}", f"doc._.{LLM_SEARCH_TEXT}", f"doc._.{LLM_IO}"],
 )
 def make_medllm_ner(
     nlp: Language,
@@ -184,7 +180,7 @@ class MedLLMNer:
         kept = []
         for doc in docs:
             if self.max_doc_chars and len(doc.text) > self.max_doc_chars:
-                _mapping(doc, "llm_mentions")[self.name] = []
+                per_generator(doc, LLM_MENTIONS)[self.name] = []
                 self.stats["skipped_long_docs"] += 1
                 logger.warning(
                     "%s: skipped a document of %d characters (max_doc_chars=%d)", self.name, len(doc.text), self.max_doc_chars
@@ -211,11 +207,11 @@ class MedLLMNer:
         self.stats["forward_passes"] += sum(r.forward_passes for r in results)
         self.stats["generated_tokens"] += sum(r.generated_tokens for r in results)
         for doc, rec in zip(docs, recognitions):
-            _mapping(doc, "llm_mentions")[self.name] = stored_mentions(rec.mentions)
+            per_generator(doc, LLM_MENTIONS)[self.name] = stored_mentions(rec.mentions)
             if self.recognizer.normalize:
-                _mapping(doc, "llm_search_text")[self.name] = self.recognizer.search_text(doc.text)
+                per_generator(doc, LLM_SEARCH_TEXT)[self.name] = self.recognizer.search_text(doc.text)
             if self.save_io:
-                _mapping(doc, "llm_io")[self.name] = rec.io
+                per_generator(doc, LLM_IO)[self.name] = rec.io
             self.stats["mentions"] += len(rec.mentions)
             for reason, n in rec.discarded.items():
                 self.stats[f"discarded_{reason}"] += n
@@ -272,14 +268,6 @@ class MedLLMNer:
         if self.copy_base == "auto":
             return _weights_size(base) < AUTO_COPY_LIMIT_BYTES
         return bool(self.copy_base)
-
-
-def _mapping(doc: Doc, extension: str) -> Dict[str, Any]:
-    value = getattr(doc._, extension)
-    if value is None:
-        value = {}
-        setattr(doc._, extension, value)
-    return value
 
 
 def _weights_size(path: Path) -> int:

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
+from ..types import CopyConstraint
 from .copy import generate_constrained
 from .loader import LoadedLM
 
@@ -29,8 +30,8 @@ class GenerationRequest:
         the generator formats with the tokenizer's chat template.
     chat: format a string prompt as one user message with the chat template.
     max_new_tokens: generation stops after this many tokens if no end token came.
-    constraint: an object this module does not look into; requests carrying one are
-        decoded by :func:`spacy_medllm.llm.copy.generate_constrained`.
+    constraint: the copy rule the answer must keep to; requests carrying one are decoded by
+        :func:`spacy_medllm.llm.copy.generate_constrained`.
     literals: parts of a string prompt that are input text (the document), in which
         special-token strings such as ``<|im_end|>`` must stay text instead of becoming
         control tokens; the contents of a message-list prompt always are.
@@ -42,7 +43,7 @@ class GenerationRequest:
     prompt: Union[str, Messages]
     max_new_tokens: int = 256
     chat: bool = False
-    constraint: Any = field(default=None, compare=False)
+    constraint: Optional[CopyConstraint] = field(default=None, compare=False)
     literals: Tuple[str, ...] = ()
     with_template: Optional[Callable[[str], "GenerationRequest"]] = field(default=None, compare=False, repr=False)
 

@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterator, Optional, Union
 
 from spacy.util import registry
 
-from ..errors import MedLLMLoadError
+from ..errors import MedLLMLoadError, first_line
 from ..safety import (
     ALLOW_PICKLE_ENV,
     TRUST_REMOTE_CODE_ENV,
@@ -23,6 +23,8 @@ from ..safety import (
     check_links,
     require_user_permission,
 )
+from .adapter_files import adapter_mismatch, check_adapter_dir
+from .placement import bnb_config, disable_bnb_cpu_packing, resolve_device, resolve_dtype
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = (None, "4bit", "8bit")
@@ -31,11 +33,6 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # A fine-tuned model (or adapter) directory may carry the prompt template it was trained
 # with under this name; prompts use it when the strategy names no template of its own.
 MODEL_TEMPLATE_FILE = "prompt_template.jinja"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_LORA_KEY = re.compile(
-    r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(\.|$)"
-)
-
 
 
 @dataclass(frozen=True)
@@ -162,7 +159,7 @@ class LoadedLM:
                 f"Adapter name {name!r} is already used for {self.adapters[name]}; give the adapter at "
                 f"{adapter_dir} another name."
             )
-        adapter_config = _check_adapter_dir(adapter_dir, self.spec.use_safetensors)
+        adapter_config = check_adapter_dir(adapter_dir, self.spec.use_safetensors)
         base_name = adapter_config.get("base_model_name_or_path")
         tokenizer = None
         if _has_tokenizer(adapter_dir):
@@ -170,7 +167,7 @@ class LoadedLM:
             trusted = self.spec.trust_remote_code and allowed_by_user(TRUST_REMOTE_CODE_ENV, adapter_dir)
             tokenizer = load_tokenizer(adapter_dir, trusted)
         n_tokens = len(tokenizer) if tokenizer is not None else 0
-        mismatch = _adapter_mismatch(self._base_model(), adapter_dir, n_tokens)
+        mismatch = adapter_mismatch(self._base_model(), adapter_dir, n_tokens)
         if mismatch:
             raise MedLLMLoadError(
                 f"The adapter at {adapter_dir} does not fit the base model at {self.spec.path} (the "
@@ -194,7 +191,7 @@ class LoadedLM:
                 _CACHE.pop(self.spec, None)
             raise MedLLMLoadError(
                 f"Loading the adapter at {adapter_dir} onto {self.spec.path} failed (the adapter was "
-                f"trained on {base_name!r}): {_first_line(err)}. Check that it is a LoRA adapter "
+                f"trained on {base_name!r}): {first_line(err)}. Check that it is a LoRA adapter "
                 "for this base model."
             ) from err
         self.model.eval()
@@ -296,9 +293,9 @@ def _load(spec: ModelSpec) -> LoadedLM:
 
     path = Path(spec.path)
     config = _check_model_dir(path, spec)
-    device = _resolve_device(spec.device)
+    device = resolve_device(spec.device)
     kwargs: Dict[str, Any] = {
-        "dtype": _resolve_dtype(spec.dtype, config, device),
+        "dtype": resolve_dtype(spec.dtype, config, device),
         "trust_remote_code": spec.trust_remote_code,
         "use_safetensors": spec.use_safetensors,
         "local_files_only": True,
@@ -308,7 +305,7 @@ def _load(spec: ModelSpec) -> LoadedLM:
     if spec.device_map is not None:
         kwargs["device_map"] = spec.device_map
     if spec.quantization is not None:
-        kwargs["quantization_config"] = _bnb_config(spec, device)
+        kwargs["quantization_config"] = bnb_config(spec, device)
         if spec.device_map is None:
             kwargs["device_map"] = {"": device}
     try:
@@ -326,10 +323,10 @@ def _load(spec: ModelSpec) -> LoadedLM:
         if spec.quantization is not None:
             raise MedLLMLoadError(
                 f"Loading {path} with {spec.quantization} quantization failed on device {device!r}: "
-                f"{_first_line(err)}. bitsandbytes may not support this platform or model; set "
+                f"{first_line(err)}. bitsandbytes may not support this platform or model; set "
                 "quantization = null, or install a bitsandbytes build for your hardware."
             ) from err
-        raise MedLLMLoadError(f"Loading the model at {path} failed: {_first_line(err)}") from err
+        raise MedLLMLoadError(f"Loading the model at {path} failed: {first_line(err)}") from err
     return LoadedLM(spec, model, load_tokenizer(path, spec.trust_remote_code))
 
 
@@ -383,77 +380,6 @@ def _has_tokenizer(path: Path) -> bool:
     return any((path / name).exists() for name in TOKENIZER_FILES)
 
 
-def _check_adapter_dir(path: Path, use_safetensors: bool) -> Dict[str, Any]:
-    if not path.exists():
-        raise MedLLMLoadError(
-            f"Adapter path {path} does not exist. Point the adapter at the directory a peft model "
-            "was saved to (model.save_pretrained(DIR)), or leave it unset to use the base model."
-        )
-    config_file = path / "adapter_config.json"
-    if not config_file.exists():
-        raise MedLLMLoadError(
-            f"{path} has no adapter_config.json, so it is not a peft adapter directory. Save the "
-            "adapter with PeftModel.save_pretrained(DIR), or, for a fully merged fine-tune, use the "
-            "directory as the model path instead of as an adapter."
-        )
-    check_links(path)
-    if not use_safetensors:
-        require_user_permission(ALLOW_PICKLE_ENV, path, "unpickle adapter weights (use_safetensors = false)")
-    if use_safetensors and not (path / ADAPTER_WEIGHTS).exists():
-        raise MedLLMLoadError(
-            f"{path} has no {ADAPTER_WEIGHTS}. Save the adapter with safetensors (the peft default), "
-            "or set use_safetensors = false to load pickled adapter weights (only ones you trust)."
-        )
-    return json.loads(config_file.read_text(encoding="utf8"))
-
-
-def _adapter_mismatch(model: Any, path: Path, n_tokens: int) -> Optional[str]:
-    """Why the adapter's weights do not fit ``model`` (None when they fit).
-
-    Checked before peft touches the model, because peft injects the LoRA layers first and
-    fails on the weights only afterwards, leaving a modified base behind.
-    """
-    weights = path / ADAPTER_WEIGHTS
-    if not weights.exists():
-        return None
-    from safetensors import safe_open
-
-    modules = dict(model.named_modules())
-    vocab_modules = {
-        name
-        for name, module in modules.items()
-        if module is model.get_input_embeddings() or module is model.get_output_embeddings()
-    }
-    with safe_open(str(weights), "pt") as handle:
-        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    for key, shape in sorted(shapes.items()):
-        name = key[len("base_model.model.") :] if key.startswith("base_model.model.") else key
-        match = _LORA_KEY.match(name)
-        module_name, kind = (match["module"], match["kind"]) if match else (name.rsplit(".", 1)[0], "full")
-        module = modules.get(module_name)
-        if module is None:
-            return f"it has weights for module {module_name!r}, which the base model does not have"
-        module = getattr(module, "original_module", module)  # a peft modules_to_save wrapper
-        is_linear = hasattr(module, "in_features")
-        n_in = module.in_features if is_linear else getattr(module, "num_embeddings", None)
-        n_out = module.out_features if is_linear else getattr(module, "embedding_dim", None)
-        if n_in is None or n_out is None or len(shape) != 2 or kind == "lora_magnitude_vector":
-            continue
-        if module_name in vocab_modules and n_tokens:  # grown to the adapter's tokenizer
-            n_in, n_out = (n_in, max(n_out, n_tokens)) if is_linear else (max(n_in, n_tokens), n_out)
-        expected = {
-            "lora_A": (None, n_in),
-            "lora_embedding_A": (None, n_in),
-            "lora_B": (n_out, None),
-            "lora_embedding_B": (n_out, None),
-            "full": (n_out, n_in) if is_linear else (n_in, n_out),
-        }[kind]
-        if any(want is not None and want != got for want, got in zip(expected, shape)):
-            want = tuple("r" if w is None else w for w in expected)
-            return f"size mismatch for {key}: the adapter has shape {shape}, the base model needs {want}"
-    return None
-
-
 def load_tokenizer(path: Path, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
@@ -463,90 +389,10 @@ def load_tokenizer(path: Path, trust_remote_code: bool) -> Any:
         )
     except Exception as err:
         raise MedLLMLoadError(
-            f"Loading the tokenizer at {path} failed: {_first_line(err)}. The directory must hold "
+            f"Loading the tokenizer at {path} failed: {first_line(err)}. The directory must hold "
             "the tokenizer files saved with the model (tokenizer.json / tokenizer_config.json)."
         ) from err
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise MedLLMLoadError(
-                f"device={device!r} but CUDA is not available (torch {torch.__version__}). Install a "
-                "CUDA build of torch on a machine with a GPU, or set device = \"cpu\" or \"auto\"."
-            )
-        index = int(device[5:]) if ":" in device else 0
-        if index >= torch.cuda.device_count():
-            raise MedLLMLoadError(
-                f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) exist."
-            )
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise MedLLMLoadError("device=\"mps\" but MPS is not available: set device = \"cpu\" or \"auto\".")
-    return device
-
-
-def _resolve_dtype(dtype: str, config: Dict[str, Any], device: str):
-    import torch
-
-    if dtype == "auto":
-        dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
-        if dtype == "float16" and device == "cpu":
-            dtype = "float32"
-    return getattr(torch, dtype)
-
-
-def _bnb_config(spec: ModelSpec, device: str):
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as err:
-        raise MedLLMLoadError(
-            f"quantization={spec.quantization!r} needs bitsandbytes, which cannot be imported "
-            f"({_first_line(err)}): pip install bitsandbytes, or set quantization = null."
-        ) from err
-    from transformers import BitsAndBytesConfig
-
-    if spec.quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    compute_dtype = spec.bnb_4bit_compute_dtype
-    if compute_dtype == "auto":
-        compute_dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=spec.bnb_4bit_quant_type,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )
-
-
-def disable_bnb_cpu_packing(model: Any) -> None:
-    """Keep bitsandbytes from repacking 4-bit weights for its AVX512-BF16 CPU kernel.
-
-    The packed format rounds the quantization scales to bfloat16 and is undone only
-    approximately whenever ``state_dict()`` is called (peft does so when it loads an
-    adapter), so a base model's outputs would change after an adapter is added; it also
-    needs layer widths divisible by 64. The unpacked path computes in the configured
-    ``bnb_4bit_compute_dtype``.
-    """
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-
-
-def _first_line(err: BaseException) -> str:
-    """The informative line of a (possibly long, multi-line) library error."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    for line in lines:
-        if line.startswith("size mismatch"):
-            return line.rstrip(".")
-    return (lines[0] if lines else type(err).__name__).rstrip(".")

@@ -19,12 +19,11 @@ Mentions carry the scheme's *codes* as labels; prompts and responses use display
 ``prompt(text, scheme, label=None)`` builds a single prompt (the in-context mode uses it
 to render demonstrations); ``merge_results`` joins the results of a text's prompts.
 
-Copy-constrained decoding: a strategy whose answer is the source with markers inserted
-(symbol, mark) also has ``copy_constraint(text, prompt) ->``
-:class:`~spacy_medllm.types.CopyConstraint`: the answer is exactly ``forced_prefix`` +
-``source`` with balanced ``open``/``close`` strings inserted; a decoder that keeps to
-it produces answers ``parse`` reads exactly. Test with ``getattr(strategy,
-"copy_constraint", None)``.
+Copy-constrained decoding: ``copy_constraint(text, prompt)`` is a
+:class:`~spacy_medllm.types.CopyConstraint` for a strategy whose answer is the source with
+markers inserted (symbol, mark): the answer is exactly ``forced_prefix`` + ``source`` with
+balanced ``open``/``close`` strings inserted, and a decoder that keeps to it produces
+answers ``parse`` reads exactly. The other strategies return None.
 
 A :class:`Prompt` is a system message plus a user message made of a shared
 ``instruction`` (task, type definitions, output rules) and a text-specific ``input``.
@@ -53,7 +52,7 @@ from spacy.tokens import Doc
 from .. import DEFAULT_SPANS_KEY
 from ..labels import LabelScheme
 from ..safety import template_environment
-from ..types import Mention, ParseResult
+from ..types import CopyConstraint, Mention, ParseResult
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 
@@ -121,6 +120,9 @@ class Strategy(Protocol):
     def parse(self, text: str, response: str, prompt: Prompt) -> ParseResult:
         ...
 
+    def copy_constraint(self, text: str, prompt: Prompt) -> Optional[CopyConstraint]:
+        ...
+
 
 class BaseStrategy:
     """Template loading and prompt building shared by the strategies.
@@ -139,6 +141,10 @@ class BaseStrategy:
         """Switch to another template file (e.g. the copy a saved pipeline stores)."""
         self.template = template
         self._templates = {}
+
+    def copy_constraint(self, text: str, prompt: Prompt) -> Optional[CopyConstraint]:
+        """None: the answer is not a copy of the text (see the module's docstring)."""
+        return None
 
     # -- prompts ---------------------------------------------------------------------
     def prompts(self, text: str, scheme: LabelScheme) -> List[Prompt]:

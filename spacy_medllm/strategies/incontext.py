@@ -18,7 +18,7 @@ from spacy.vocab import Vocab
 
 from .. import DEFAULT_SPANS_KEY
 from ..labels import LabelScheme
-from ..types import Mention, ParseResult
+from ..types import CopyConstraint, Mention, ParseResult
 from .base import WORDS, BaseStrategy, Prompt, mentions_from_doc
 
 
@@ -98,8 +98,10 @@ class InContextStrategy(BaseStrategy):
         self.retriever = retriever
         self.k = k
         self.per_label = base.per_label
-        if hasattr(base, "copy_constraint"):  # demonstrations do not change the answer's form
-            self.copy_constraint = base.copy_constraint
+
+    def copy_constraint(self, text: str, prompt: Prompt) -> Optional[CopyConstraint]:
+        """The base strategy's: demonstrations do not change the answer's form."""
+        return self.base.copy_constraint(text, prompt)
 
     def prompts(self, text: str, scheme: LabelScheme) -> List[Prompt]:
         demos = self.retriever.nearest(text, self.k)

@@ -20,6 +20,7 @@ from spacy.tokens import Doc, Span
 from wasabi import msg
 
 from .. import DEFAULT_SPANS_KEY
+from ..spans import span_context
 
 KINDS = ("gold", "shift", "type", "mined")
 NEGATIVE_KINDS = ("mined", "shift", "type")  # a candidate made by two kinds keeps the first
@@ -45,15 +46,6 @@ class ClsRecord:
 class DocCandidates:
     positives: List[ClsRecord]
     negatives: Dict[str, List[ClsRecord]]
-
-
-def span_context(doc: Doc, start_token: int, end_token: int) -> Tuple[int, int]:
-    """Character bounds of the sentences covering tokens ``[start_token, end_token)``."""
-    if not doc.has_annotation("SENT_START") or end_token <= start_token:
-        return 0, len(doc.text)
-    first = doc[start_token].sent
-    last = doc[end_token - 1].sent
-    return first.start_char, last.end_char
 
 
 def _is_candidate(text: str, start: int, end: int, lo: int, hi: int) -> bool:

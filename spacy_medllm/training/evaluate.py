@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .. import DEFAULT_SPANS_KEY
 from ..labels import LabelScheme, get_scheme
-from ..components.align import place_mention
+from ..alignment import place_mention
 from ..llm.generation import HFGenerator
 from ..errors import MedLLMLoadError
 from ..llm.loader import LoadedLM, ModelSpec, clear_cache, load_lm

@@ -9,9 +9,9 @@ from typing import Any, Iterable, Optional
 
 from spacy_llm.registry import registry
 
-from .backends import AnyModel, open_generator
-from .generation import GenerationRequest
-from .server import ServerGenerator
+from ...llm.backends import AnyModel, open_generator
+from ...llm.generation import GenerationRequest
+from ...llm.server import ServerGenerator
 
 
 class HFCausalLM:

@@ -15,13 +15,18 @@ from spacy.tokens import Doc
 from spacy.training import Example
 from spacy_llm.registry import registry
 
-from .. import DEFAULT_SPANS_KEY
-from ..components.align import MedLLMAlign
-from ..labels import LabelScheme
-from ..recognizer import Recognizer, RecognizerSettings
-from ..strategies.base import Strategy
-from ..types import stored_mentions
-from .generation import GenerationRequest
+from ... import DEFAULT_SPANS_KEY
+from ...alignment import MentionAligner
+from ...extensions import LLM_MENTIONS, LLM_SEARCH_TEXT
+from ...labels import LabelScheme
+from ...llm.generation import GenerationRequest
+from ...recognizer import Recognizer, RecognizerSettings
+from ...scoring import make_span_scorer
+from ...strategies.base import Strategy
+from ...types import stored_mentions
+
+# the name the task's mentions are stored under in ``doc._.llm_mentions``
+SOURCE = "llm"
 
 
 class MedLLMNERTask:
@@ -32,9 +37,10 @@ class MedLLMNERTask:
     deterministic) instead of keeping state between the two calls.
     """
 
-    def __init__(self, recognizer: Recognizer, aligner: MedLLMAlign) -> None:
+    def __init__(self, recognizer: Recognizer, aligner: MentionAligner, scorer: Callable) -> None:
         self.recognizer = recognizer
         self.aligner = aligner
+        self._scorer = scorer
         self._templated: Dict[str, Recognizer] = {}
 
     def generate_prompts(
@@ -48,13 +54,13 @@ class MedLLMNERTask:
             doc = list(doc_shards)[0]
             jobs = self._plan(doc)
             recognition = self.recognizer.read([doc.text], jobs, list(doc_responses))[0]
-            doc._.llm_mentions = {self.aligner.name: stored_mentions(recognition.mentions)}
+            setattr(doc._, LLM_MENTIONS, {SOURCE: stored_mentions(recognition.mentions)})
             if self.recognizer.normalize:
-                doc._.llm_search_text = {self.aligner.name: self.recognizer.search_text(doc.text)}
-            yield self.aligner(doc)
+                setattr(doc._, LLM_SEARCH_TEXT, {SOURCE: self.recognizer.search_text(doc.text)})
+            yield self.aligner.align(doc)
 
     def scorer(self, examples: Iterable[Example]) -> Dict[str, Any]:
-        return self.aligner.score(examples)
+        return self._scorer(examples)
 
     def _plan(self, doc: Doc):
         jobs = self.recognizer.plan([doc.text], lambda prompt: prompt.messages())
@@ -96,18 +102,11 @@ def make_ner_task(
     arguments mean what they mean on those components (``recognizer``: the
     ``spacy_medllm.Recognizer.v1`` block, its defaults when left out). v2: the decoding
     settings moved into that block."""
-    recognizer = Recognizer(strategy, labels, recognizer or RecognizerSettings())
-    if scorer is None:
-        from ..scoring import make_span_scorer
-
-        scorer = make_span_scorer(spans_key=spans_key)
-    aligner = MedLLMAlign(
-        "llm",
-        sources=None,
-        spans_key=spans_key,
-        search=search,
-        alignment_mode=alignment_mode,
-        flat_policy=flat_policy,
-        scorer=scorer,
+    aligner = MentionAligner(
+        sources=None, spans_key=spans_key, search=search, alignment_mode=alignment_mode, flat_policy=flat_policy
     )
-    return MedLLMNERTask(recognizer, aligner)
+    return MedLLMNERTask(
+        Recognizer(strategy, labels, recognizer or RecognizerSettings()),
+        aligner,
+        scorer if scorer is not None else make_span_scorer(spans_key=spans_key),
+    )

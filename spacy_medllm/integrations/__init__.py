@@ -1,0 +1,1 @@
+"""Our recognition plugged into other frameworks' pipelines (spacy-llm)."""
