@@ -1,6 +1,8 @@
-"""Instruction tuning: the response-only label mask, length buckets, full / LoRA / QLoRA
-training of tiny models (the loss falls), resume = uninterrupted, reproducibility, the
-saved output reloading through the shared loader, clear errors, and the CLI."""
+"""Instruction tuning on the Trainer: the response-only label mask and weighted loss by
+hand, length buckets and their split across processes, full / LoRA / QLoRA training of tiny
+models (the loss falls), resume = uninterrupted, reproducibility, a two-process gloo run =
+one process with the doubled batch, the saved output reloading through the shared loader,
+clear errors, and the CLI."""
 from collections import Counter
 import json
 import os
@@ -26,12 +28,14 @@ from spacy_medllm.strategies.symbol import SymbolStrategy
 from spacy_medllm.alignment import place_mention
 from spacy_medllm.recognizer import RecognizerSettings
 from spacy_medllm.training.evaluate import DevExample, GenerationEvaluator
+from spacy_medllm.training.hf_trainer import EpochBatches, answer_weights, weighted_lm_loss
 from spacy_medllm.training.sft import LoraSettings, SFTConfig, SFTModel, train_sft
 from spacy_medllm.training.sft_data import (
     IGNORE_INDEX,
     ChatRecord,
     GoldText,
     clauses,
+    collate,
     encode_chat,
     epoch_batches,
     mix_clauses,
@@ -177,6 +181,36 @@ def test_length_buckets_negative_subsampling_and_determinism():
     assert epoch_batches(lengths, negatives, epoch=1, **args) != batches
 
 
+def test_trainer_batches_labels_and_weighted_loss_by_hand(qwen_dir):
+    lm = load_lm(ModelSpec(path=str(qwen_dir), dtype="float32"))
+    tokenizer, model = lm.tokenizer, lm.model
+    encoded = [encode_chat(tokenizer, r, stop_token_ids(tokenizer)) for r in symbol_records()[:2]]
+    batch = collate(encoded, pad_id=0)
+    width = max(len(e.input_ids) for e in encoded)
+    for row, enc in zip(batch["labels"].tolist(), encoded):  # the collator keeps encode_chat's mask
+        assert row == enc.labels + [IGNORE_INDEX] * (width - len(enc.labels))
+    weights = token_weight_vector(tokenizer, {"[": 3.0, "]": 3.0}, len(tokenizer))
+    total = answer_weights(batch["labels"], weights).sum()
+    with torch.no_grad():
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss = weighted_lm_loss(weights)(outputs, batch["labels"], num_items_in_batch=total)
+        hand_sum, hand_weight = 0.0, 0.0
+        for r, enc in enumerate(encoded):  # next-token cross-entropy of each answer token
+            logp = torch.log_softmax(outputs.logits[r].float(), -1)
+            for t in range(1, len(enc.labels)):
+                if enc.labels[t] != IGNORE_INDEX:
+                    w = 3.0 if tokenizer.convert_ids_to_tokens(enc.labels[t]) in "[]" else 1.0
+                    hand_sum -= w * float(logp[t - 1, enc.labels[t]])
+                    hand_weight += w
+    assert float(total) == hand_weight and abs(float(loss) - hand_sum / hand_weight) < 1e-5
+    # two processes take the halves of the same global batches, in the same order
+    lengths, negatives = [5, 9, 3, 7, 8, 2, 6, 4, 1, 5], [False] * 10  # the last global batch has 2 records
+    config = quick_config(batch_size=2, bucket_batches=2)
+    one = list(EpochBatches(lengths, negatives, quick_config(batch_size=4, bucket_batches=2)))
+    halves = [list(EpochBatches(lengths, negatives, config, 2, rank)) for rank in (0, 1)]
+    assert [a + b for a, b in zip(*halves)] == one and len(halves[0]) == len(halves[1])
+
+
 def test_token_weights_match_bracket_tokens(qwen_dir):
     tokenizer = load_lm(ModelSpec(path=str(qwen_dir))).tokenizer
     vector = token_weight_vector(tokenizer, {"[": 3.0, "]": 2.0}, len(tokenizer))
@@ -208,16 +242,20 @@ def test_full_fine_tuning_loss_falls_and_reloads(qwen_dir, tmp_path):
 def test_resume_equals_uninterrupted_run_and_runs_are_reproducible(qwen_dir, tmp_path):
     model = SFTModel(base=ModelSpec(path=str(qwen_dir), dtype="float32"), method="lora", lora=LoraSettings(r=4, alpha=8, dropout=0.1))
     records = symbol_records()
-    config = quick_config(max_steps=6, batch_size=2, save_every=3, keep_checkpoints=5, learning_rate=5e-3)
+    # 6 of the 8 records an epoch (2 of the 4 negatives, drawn anew each epoch): 3 steps; checkpoints
+    # every 2 steps and at each epoch end; 2 is inside the first epoch, 4 inside the second
+    config = quick_config(max_steps=7, batch_size=2, save_every=2, keep_checkpoints=5, learning_rate=5e-3, negative_ratio=0.5)
     full = train_sft(model, records, config, tmp_path / "a")
     again = train_sft(model, records, config, tmp_path / "b")
-    resumed = train_sft(model, records, config, tmp_path / "c", resume_from=tmp_path / "a" / "checkpoints" / "checkpoint-3")
-    weights = [load_file(str(r.model_last / "adapter_model.safetensors")) for r in (full, again, resumed)]
-    assert weights[0].keys() == weights[1].keys() == weights[2].keys()
-    for name in weights[0]:
-        assert torch.equal(weights[0][name], weights[1][name]), name
-        assert torch.equal(weights[0][name], weights[2][name]), name
-    assert resumed.losses == full.losses[3:]
+    checkpoints = tmp_path / "a" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [f"checkpoint-{n}" for n in (2, 3, 4, 6, 7)]
+    resumed = [train_sft(model, records, config, tmp_path / f"c{step}", resume_from=checkpoints / f"checkpoint-{step}") for step in (2, 4)]
+    weights = [load_file(str(r.model_last / "adapter_model.safetensors")) for r in (full, again, *resumed)]
+    for other in weights[1:]:
+        assert other.keys() == weights[0].keys()
+        for name in weights[0]:
+            assert torch.equal(weights[0][name], other[name]), name
+    assert resumed[0].losses == full.losses[2:] and resumed[1].losses == full.losses[4:]
     with pytest.raises(SFTError, match="not a training checkpoint"):
         train_sft(model, records, config, tmp_path / "d", resume_from=tmp_path / "a")
 
@@ -225,8 +263,8 @@ def test_resume_equals_uninterrupted_run_and_runs_are_reproducible(qwen_dir, tmp
 def test_lora_on_llama_trains_only_the_adapter(llama_dir, tmp_path):
     model = SFTModel(base=ModelSpec(path=str(llama_dir), dtype="float32"), method="lora", lora=LoraSettings(r=8, alpha=16, dropout=0.0))
     records = symbol_records(("dru", "bod", "pro"))[:4]  # types the base has not seen
-    result = train_sft(model, records, quick_config(max_steps=30, learning_rate=2e-2), tmp_path / "out")
-    assert result.losses[-1] < 0.8 * result.losses[0], result.losses
+    result = train_sft(model, records, quick_config(max_steps=30, learning_rate=2e-2, mixed_precision="bf16"), tmp_path / "out")
+    assert result.losses[-1] < 0.8 * result.losses[0], result.losses  # under bf16 autocast
     config = json.loads((result.model_last / "adapter_config.json").read_text())
     assert config["r"] == 8 and Path(config["base_model_name_or_path"]) == llama_dir
     adapter = load_file(str(result.model_last / "adapter_model.safetensors"))
@@ -236,7 +274,10 @@ def test_lora_on_llama_trains_only_the_adapter(llama_dir, tmp_path):
 
 def test_qlora_on_a_4bit_qwen2_base_reloads_and_generates(tmp_path):
     base = save_tiny(tmp_path / "base", hidden=64)  # 4-bit blocks are 64 values
-    model = SFTModel(base=ModelSpec(path=str(base), bnb_4bit_compute_dtype="float32"), method="qlora", lora=LoraSettings(r=4, alpha=8))
+    model = SFTModel(
+        base=ModelSpec(path=str(base), bnb_4bit_compute_dtype="float32"), method="qlora", lora=LoraSettings(r=4, alpha=8),
+        gradient_checkpointing=True,
+    )
     assert model.spec.quantization == "4bit"
     result = train_sft(model, symbol_records()[:4], quick_config(max_steps=8, learning_rate=2e-2), tmp_path / "out")
     assert result.losses[-1] < result.losses[0]
@@ -279,6 +320,10 @@ def test_evaluator_scores_strict_micro_f1_by_hand():
 def test_wrong_model_path_and_settings_give_clear_errors(tmp_path):
     with pytest.raises(MedLLMLoadError, match="does not exist"):
         train_sft(SFTModel(base=ModelSpec(path=str(tmp_path / "nope")), method="full"), symbol_records(), quick_config(), tmp_path / "o")
+    with pytest.raises(SFTError, match="mixed_precision"):
+        quick_config(mixed_precision="fp8")
+    with pytest.raises(SFTError, match="report_to"):
+        quick_config(report_to="comet")
     with pytest.raises(SFTError, match="cannot train a 4bit"):
         SFTModel(base=ModelSpec(path="x", quantization="4bit"), method="lora")
     with pytest.raises(SFTError, match="n_entities"):
@@ -309,3 +354,27 @@ def test_cli_trains_two_steps_with_overrides(qwen_dir, tmp_path):
     assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["eval"]["n_gold"] > 0
     bad = run_cli(ROOT / "configs" / "train_llm_tiny.cfg", "--output", out, "--paths.base_model", qwen_dir, "--paths.train", tmp_path / "missing.json")
     assert bad.returncode == 1 and "missing.json does not exist" in " ".join(bad.stdout.split())
+
+
+def test_two_process_data_parallel_run_equals_one_process_with_the_doubled_batch(qwen_dir, tmp_path):
+    records = tmp_path / "r.messages.jsonl"
+    records.write_text("".join(
+        json.dumps({"messages": r.as_messages(), "n_entities": r.n_entities}, ensure_ascii=False) + "\n" for r in symbol_records()
+    ), encoding="utf8")
+    settings = dict(learning_rate=1e-2, max_steps=4, warmup_ratio=0.0, num_threads=1, progress_bar=False, log_every=1000, bucket_batches=2)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29617",
+         str(ROOT / "tests" / "ddp_train_worker.py"), str(qwen_dir), str(records), str(tmp_path / "ddp"),
+         json.dumps({**settings, "batch_size": 2})],
+        capture_output=True, text=True, cwd=ROOT, timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONIOENCODING": "utf8"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout
+    ddp = json.loads((tmp_path / "ddp" / "losses.json").read_text())
+    single = train_sft(
+        SFTModel(base=ModelSpec(path=str(qwen_dir), dtype="float32"), method="full"),
+        read_chat_records(records), SFTConfig(**settings, batch_size=4), tmp_path / "one",
+    ).losses
+    assert len(ddp) == len(single) == 4 and single[-1] < single[0]
+    assert ddp == pytest.approx(single, rel=1e-4), (ddp, single)

@@ -61,9 +61,11 @@ def train_llm_cli(
     resume_from: Optional[Path] = Opt(None, "--resume", "-r", help="Resume from OUTPUT/checkpoints/checkpoint-<step>"),
     # fmt: on
 ):
-    """Fine-tune a causal LM on a strategy's instruction data (LoRA, QLoRA or full), with
-    per-epoch dev evaluation keeping the best model. Settings can be overridden on the
-    command line with dotted names, e.g. --training.max_steps 10 --paths.train FILE.
+    """Fine-tune a causal LM on a strategy's instruction data (LoRA, QLoRA or full) with
+    the Hugging Face Trainer, with per-epoch dev evaluation keeping the best model. Settings
+    can be overridden on the command line with dotted names, e.g. --training.max_steps 10
+    --paths.train FILE. Data parallel on several GPUs: accelerate launch -m spacy medllm
+    train-llm CONFIG (or torchrun --nproc_per_node N -m spacy medllm train-llm CONFIG).
     """
     if not config_path.exists():
         msg.fail(f"Config file not found: {config_path}", exits=1)

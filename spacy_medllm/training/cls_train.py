@@ -2,10 +2,11 @@
 
 The optimisation settings are the SFT trainer's (``spacy_medllm.SFTConfig.v1``: learning
 rate, batch size, gradient accumulation, epochs / max_steps, warmup, weight decay, gradient
-clipping, length buckets, seed, threads, eval_every, log_every, score_key) and so are its
-pieces: the length-bucketed epoch batches, the LoRA settings and the model loading for
-LoRA / QLoRA / full training. Only the step differs (cross-entropy of a 2-way head instead
-of the LM loss). The SFT settings that concern chat records (cutoff_len, overlong,
+clipping, length buckets, seed, threads, eval_every, log_every, score_key, mixed_precision,
+report_to) and so is the loop: the Hugging Face ``Trainer`` with the pieces of
+:mod:`.hf_trainer` (length-bucketed epoch batches, dev evaluation writing ``model-best``),
+plus the LoRA settings and the model loading for LoRA / QLoRA / full training. Only the
+loss differs (cross-entropy of a 2-way head instead of the LM loss). The SFT settings that concern chat records (cutoff_len, overlong,
 negative_ratio, token_weights) and checkpoints (save_every, keep_checkpoints) do not apply:
 the classifier's ``max_length`` cuts context around the candidate, and a run is short.
 
@@ -21,9 +22,7 @@ Three classifiers, chosen by the ``[model]`` block:
 Output (``output_dir``): ``model-last/`` and ``model-best/`` (classifier directories, see
 ``llm.cls_head``; best by the dev ``score_key``), ``log.jsonl`` (losses and evaluations).
 """
-import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -31,7 +30,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import srsly
 from spacy.util import registry
-from tqdm import tqdm
 from wasabi import msg
 
 from ..embedded import EMBEDDED, resolve_model_path
@@ -39,8 +37,18 @@ from ..llm.cls_head import ClassifierSettings, SpanClassifier
 from ..llm.loader import ModelSpec
 from ..llm.tiny import TinyModelConfig, build_char_tokenizer, build_tiny_model
 from .cls_data import ClsRecord
+from .hf_trainer import (
+    DevEvaluation,
+    EpochBatches,
+    JsonlLog,
+    MedLLMTrainer,
+    RunControl,
+    check_processes,
+    quiet_progress,
+    summed_cross_entropy,
+    training_arguments,
+)
 from .sft import LoraSettings, SFTConfig, SFTModel, load_for_training
-from .sft_data import epoch_batches
 
 ClassifierBuilder = Callable[[Sequence[ClsRecord], Dict[str, str], int], SpanClassifier]
 METRICS = ("acc", "p", "r", "f", "loss")
@@ -219,11 +227,10 @@ def train_classifier(
     config: SFTConfig,
     output_dir: Union[str, Path],
 ) -> ClsTrainResult:
-    """Build the classifier, train it with cross-entropy, evaluate on ``dev`` after each
-    epoch (and every ``eval_every`` steps), keep ``model-best`` by ``config.score_key``."""
+    """Build the classifier and train it with the ``Trainer`` (cross-entropy of the 2-way
+    head), evaluating on ``dev`` after each epoch (and every ``eval_every`` steps) and
+    keeping ``model-best`` by ``config.score_key`` (lower is better for ``loss``)."""
     import torch
-    import torch.nn.functional as F
-    from transformers import get_cosine_schedule_with_warmup
 
     start_time = time.perf_counter()
     if not train:
@@ -236,110 +243,66 @@ def train_classifier(
         msg.warn(f"Training settings without effect on the classifier: {', '.join(changed)}")
     if config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
-    torch.manual_seed(config.seed)
     output_dir = Path(output_dir)
+    greater = config.score_key != "loss"
+    args = training_arguments(
+        config, output_dir / "checkpoints", checkpoints=False,
+        metric=f"eval_{config.score_key}" if dev else None, greater_is_better=greater,
+    )
+    check_processes(args)
+    torch.manual_seed(config.seed)
     output_dir.mkdir(parents=True, exist_ok=True)
     classifier = build(train, labels, config.seed)
-    encoded = [classifier.encode(r.text, r.start, r.end, r.label) for r in train]
-    targets = torch.tensor([int(r.is_correct) for r in train], dtype=torch.long)
-    lengths = [len(ids) for ids, _ in encoded]
-
-    def batches_of(epoch: int) -> List[List[int]]:
-        return epoch_batches(
-            lengths, [False] * len(lengths), batch_size=config.batch_size,
-            bucket_batches=config.bucket_batches, negative_ratio=1.0, seed=config.seed, epoch=epoch,
-        )
-
-    n_batches = len(batches_of(0))
-    steps_per_epoch = math.ceil(n_batches / config.grad_accum)
+    encoded = [(*classifier.encode(r.text, r.start, r.end, r.label), int(r.is_correct)) for r in train]
+    batches = EpochBatches([len(ids) for ids, _, _ in encoded], [False] * len(encoded), replace(config, negative_ratio=1.0),
+                           args.world_size, args.process_index)
+    steps_per_epoch = math.ceil(len(batches) / config.grad_accum)
     total_steps = config.max_steps if config.max_steps > 0 else config.epochs * steps_per_epoch
-    params = classifier.trainable_parameters()
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.learning_rate,
-    )
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(round(config.warmup_ratio * total_steps)), total_steps)
+    n_trainable = sum(p.numel() for p in classifier.trainable_parameters())
     msg.info(
-        f"{classifier.settings.kind}/{classifier.settings.mode}: {sum(p.numel() for p in params):,} trainable "
+        f"{classifier.settings.kind}/{classifier.settings.mode}: {n_trainable:,} trainable "
         f"parameters, {len(train)} records, {steps_per_epoch} steps per epoch, {total_steps} steps"
     )
-    srsly.write_json(
-        output_dir / "training_meta.json",
-        {"settings": asdict(classifier.settings), "training": asdict(config), "records": len(train),
-         "dev_records": len(dev), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps},
+    if args.process_index == 0:
+        srsly.write_json(
+            output_dir / "training_meta.json",
+            {"settings": asdict(classifier.settings), "training": asdict(config), "records": len(train),
+             "dev_records": len(dev), "processes": args.world_size, "steps_per_epoch": steps_per_epoch,
+             "total_steps": total_steps},
+        )
+    log_path = output_dir / "log.jsonl"
+    if log_path.exists():
+        log_path.unlink()
+    log = JsonlLog(log_path, config.log_every, config.progress_bar)
+
+    def save(trainer, path: Path) -> None:
+        if trainer.is_world_process_zero():
+            classifier.save(path)
+
+    def collate(items):
+        return {**classifier.collate([(ids, pos) for ids, pos, _ in items]),
+                "labels": torch.tensor([target for _, _, target in items], dtype=torch.long)}
+
+    def show(scores: Dict[str, Any]) -> str:
+        return "dev " + " ".join(f"{k}={scores[k]:.4f}" for k in METRICS) + f" {scores['acc_by_kind']}"
+
+    dev_eval = DevEvaluation(
+        output_dir, save, (lambda path: evaluate_classifier(classifier, dev, config.batch_size * 2)) if dev else None,
+        config.score_key, greater, log, show,
     )
-    result = ClsTrainResult(output_dir, classifier=classifier)
-    log_file = (output_dir / "log.jsonl").open("w", encoding="utf8")
-
-    def log(entry: Dict[str, Any]) -> None:
-        log_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        log_file.flush()
-
-    def run_evaluation(step: int, epoch: int) -> None:
-        classifier.save(output_dir / "model-last")
-        scores = evaluate_classifier(classifier, dev, config.batch_size * 2) if dev else {}
-        classifier.train()
-        score = scores.get(config.score_key)
-        if config.score_key == "loss" and score is not None:
-            score = -score
-        if not dev or result.best_score is None or score > result.best_score:
-            result.best_score, result.best_step = score, step
-            if (output_dir / "model-best").exists():
-                shutil.rmtree(output_dir / "model-best")
-            shutil.copytree(output_dir / "model-last", output_dir / "model-best")
-        entry = {"step": step, "epoch": epoch, "eval": scores, "best_step": result.best_step}
-        result.evaluations.append(entry)
-        log(entry)
-        if scores:
-            shown = " ".join(f"{k}={scores[k]:.4f}" for k in METRICS)
-            msg.text(f"step {step} epoch {epoch}: dev {shown} {scores['acc_by_kind']}")
-
-    classifier.train()
-    step, epoch, window = 0, 0, []
-    bar = tqdm(total=total_steps, disable=not config.progress_bar, dynamic_ncols=True, unit="step", desc="train-cls")
-    while step < total_steps:
-        batches = batches_of(epoch)
-        groups = [batches[i : i + config.grad_accum] for i in range(0, len(batches), config.grad_accum)]
-        for group in groups:
-            n_group = sum(len(b) for b in group)
-            loss_value = 0.0
-            for batch in group:
-                inputs = classifier.collate([encoded[i] for i in batch])
-                logits = classifier(**inputs)
-                loss = F.cross_entropy(logits, targets[batch].to(logits.device), reduction="sum") / n_group
-                loss.backward()
-                loss_value += float(loss.detach())
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            result.losses.append(loss_value)
-            window.append(loss_value)
-            if step % config.log_every == 0 or step == total_steps:
-                entry = {"step": step, "epoch": epoch, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
-                         "elapsed_s": time.perf_counter() - start_time}
-                log(entry)
-                if config.progress_bar:
-                    bar.set_postfix(loss=f"{entry['loss']:.4f}", epoch=epoch)
-                else:
-                    msg.text(f"step {step}/{total_steps} epoch {epoch} loss {entry['loss']:.4f} lr {entry['lr']:.2e}")
-                window = []
-            if step >= total_steps:
-                break
-            if config.eval_every and step % config.eval_every == 0:
-                run_evaluation(step, epoch)
-        epoch += 1
-        run_evaluation(step, epoch)
-    bar.close()
-    log_file.close()
+    trainer = MedLLMTrainer(
+        model=classifier, args=args, train_dataset=encoded, data_collator=collate,
+        compute_loss_func=summed_cross_entropy,
+        callbacks=[RunControl(config.eval_every, config.max_minutes, checkpoints=False), log],
+        batches=batches, count=lambda batch: torch.tensor(len(batch["labels"])), dev=dev_eval,
+    )
+    quiet_progress(trainer, log)
+    trainer.train()
     classifier.eval()
-    result.seconds = time.perf_counter() - start_time
-    return result
+    return ClsTrainResult(
+        output_dir, losses=log.losses, evaluations=dev_eval.evaluations, best_step=dev_eval.best_step,
+        best_score=dev_eval.best_score, seconds=time.perf_counter() - start_time, classifier=classifier,
+    )
 
 
 @registry.readers("spacy_medllm.ClsRecords.v1")

@@ -349,8 +349,9 @@ def epoch_batches(
     return [batches[i] for i in perm]
 
 
-def collate(examples: Sequence[Encoded], pad_id: int):
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` tensors."""
+def collate(examples: Sequence[Encoded], pad_id: int) -> Dict[str, Any]:
+    """The ``Trainer``'s batch: right-padded ``input_ids``, ``attention_mask`` and the
+    response-only ``labels``."""
     import torch
 
     width = max(len(e.input_ids) for e in examples)
@@ -362,7 +363,7 @@ def collate(examples: Sequence[Encoded], pad_id: int):
         ids[r, :n] = torch.tensor(e.input_ids, dtype=torch.long)
         mask[r, :n] = 1
         labels[r, :n] = torch.tensor(e.labels, dtype=torch.long)
-    return ids, mask, labels
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def token_weight_vector(tokenizer, weights: Dict[str, float], vocab_size: int):
