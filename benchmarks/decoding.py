@@ -1,7 +1,7 @@
 """Decoding benchmark for the symbol strategy: plain greedy vs copy-constrained decoding.
 
     python benchmarks/decoding.py [--sentences N] [--model embedded|random|DIR [--template FILE]]
-                                  [--batch-sentences K] [--threads T] [--repeat R]
+                                  [--batch-sentences K] [--threads T] [--repeat R] [--answers FILE]
 
 For N CMeEE dev sentences (assets/cmeee_dev.json) it builds the 9 per-type symbol prompts
 and decodes them four ways, with at most 9K rows per model call in every mode:
@@ -31,7 +31,11 @@ Passes are counted with a forward pre-hook on the model: "calls" are model invoc
 batched call counts once), "row passes" count each call once per row in it while that
 row is unfinished (the ``GenerationResult.forward_passes`` of the runtime), "positions"
 are the token positions the model computed, padding included (the compute a CPU pays
-for). Torch uses ``--threads`` threads (default: its own default, every core); each mode
+for); "waste" the share of them that is padding or a draft token after the first rejected
+one (per mode on its own line, with the masked cache columns the rows attend to);
+"xfer/pass" the constrained decoder's host<->device transfers per model call (counted at
+:mod:`spacy_medllm.llm.copy.transfer`, as they would be on a GPU). Torch uses
+``--threads`` threads (default: its own default, every core); each mode
 runs ``--repeat`` times, round-robin, and its fastest wall time counts. The last line is
 machine-readable:
 ``passes_ratio=<a/d model calls> wall_ratio=<a/d> identical=<b==c==d> aligned=<share of (d)>``.
@@ -51,6 +55,7 @@ from spacy_medllm.llm.copy import (  # noqa: E402
     CopyAutomaton,
     DecodeStats,
     count_forward_passes,
+    count_transfers,
     decode_constrained,
     forward_module,
 )
@@ -163,7 +168,7 @@ def overfit(model, tokenizer, rows, eos, steps, lr=3e-3):
 def run_constrained(model, tokenizer, rows, eos, batch_rows, **options):
     stats = DecodeStats()
     start = time.perf_counter()
-    with count_forward_passes(model) as calls, count_positions(model) as positions:
+    with count_forward_passes(model) as calls, count_positions(model) as positions, count_transfers() as transfers:
         out = decode_constrained(
             model,
             tokenizer,
@@ -175,7 +180,7 @@ def run_constrained(model, tokenizer, rows, eos, batch_rows, **options):
             **options,
         )
     seconds = time.perf_counter() - start
-    assert calls[0] == stats.forward_passes
+    assert calls[0] == stats.forward_passes and positions.total == stats.positions
     return {
         "tokens": [o.token_ids for o in out],
         "texts": [o.text for o in out],
@@ -186,13 +191,17 @@ def run_constrained(model, tokenizer, rows, eos, batch_rows, **options):
         "seconds": seconds,
         "accepted": stats.accepted_tokens,
         "drafted": stats.draft_tokens,
+        "transfers": transfers[0],
+        "padding": 0,  # a pass packs its rows' blocks: no position is padding
+        "rejected": stats.draft_tokens - stats.accepted_tokens,
+        "holes": stats.hole_columns / stats.key_columns if stats.key_columns else 0.0,
     }
 
 
 def run_plain(model, tokenizer, rows, eos, batch_rows, budgets, forced):
     """Plain HF greedy ``generate`` per batch (left-padded); ``forced``: min = max tokens."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    texts, calls_total, positions_total, row_passes, generated, seconds = [], 0, 0, 0, 0, 0.0
+    texts, calls_total, positions_total, row_passes, generated, seconds, fed = [], 0, 0, 0, 0, 0.0, 0
     for lo in range(0, len(rows), batch_rows):
         chunk = rows[lo : lo + batch_rows]
         width = max(len(r["ids"]) for r in chunk)
@@ -222,6 +231,7 @@ def run_plain(model, tokenizer, rows, eos, batch_rows, budgets, forced):
             n = ends[0] + 1 if ends else len(new)
             generated += n
             row_passes += n
+            fed += len(chunk[k]["ids"]) + n - 1  # the prompt and every generated token but the last
             texts.append(tokenizer.decode(new[: ends[0]] if ends else new, skip_special_tokens=True))
     return {
         "texts": texts,
@@ -230,6 +240,10 @@ def run_plain(model, tokenizer, rows, eos, batch_rows, budgets, forced):
         "row_passes": row_passes,
         "generated": generated,
         "seconds": seconds,
+        "transfers": None,  # transformers' own loop, not instrumented
+        "padding": positions_total - fed,  # left padding and the steps of rows that had stopped
+        "rejected": 0,
+        "holes": None,
     }
 
 
@@ -258,6 +272,9 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, every core)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per mode; the fastest wall time counts")
     parser.add_argument("--max-chars", type=int, default=120, help="skip longer sentences")
+    parser.add_argument(
+        "--answers", type=Path, help="write (d)'s answer per prompt as JSON lines, to compare two versions of the decoder"
+    )
     parser.add_argument("--hidden", type=int, default=256, help="hidden size of the random tiny model")
     parser.add_argument("--layers", type=int, default=4, help="layers of the random tiny model")
     parser.add_argument(
@@ -335,6 +352,7 @@ def main():
     header = (
         f"{'mode':<24}{'calls/sent':>11}{'row-pass/sent':>14}{'positions/sent':>15}{'gen tok/sent':>13}{'s/sent':>8}"
         f"{'sent/s':>8}{'calls a/x':>10}{'rowpass a/x':>12}{'wall a/x':>9}{'same as b':>10}{'aligned':>9}"
+        f"{'xfer/pass':>10}{'waste':>7}"
     )
     print(header)
     print("-" * len(header))
@@ -349,12 +367,24 @@ def main():
             f"{r['generated'] / n:>13.1f}"
             f"{r['seconds'] / n:>8.3f}{n / r['seconds']:>8.2f}{a['calls'] / r['calls']:>10.2f}"
             f"{a['row_passes'] / r['row_passes']:>12.2f}{a['seconds'] / r['seconds']:>9.2f}{same:>10}"
-            f"{shares[key]:>9}"
+            f"{shares[key]:>9}{'-' if r['transfers'] is None else format(r['transfers'] / r['calls'], '.2f'):>10}"
+            f"{(r['padding'] + r['rejected']) / r['positions']:>7.1%}"
         )
     for key in "cd":
         r = results[key]
         print(f"{names[key]}: {r['accepted']} of {r['drafted']} draft tokens accepted")
+    for key in "abcd":
+        r = results[key]
+        holes = "" if r["holes"] is None else f"; masked holes {r['holes']:.1%} of the key columns attended"
+        print(
+            f"{names[key]} waste: padding {r['padding'] / r['positions']:.1%}, "
+            f"post-bracket drafts {r['rejected'] / r['positions']:.1%} of positions{holes}"
+        )
     d = results["d"]
+    if args.answers:
+        with args.answers.open("w", encoding="utf8") as out:
+            for row, text in zip(rows, d["texts"]):
+                out.write(json.dumps({"text": row["text"], "answer": text}, ensure_ascii=False) + "\n")
     print(
         f"passes_ratio={a['calls'] / d['calls']:.2f} wall_ratio={a['seconds'] / d['seconds']:.2f} "
         f"identical={str(identical).lower()} aligned={shares['d']}"

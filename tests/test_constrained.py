@@ -254,6 +254,23 @@ def test_models_without_a_plain_head_decode_through_their_own_forward(char_tok, 
     assert calls[0] == whole_stats.forward_passes == split_stats.forward_passes
 
 
+def test_a_pass_no_attention_layer_ran_on_is_refused(char_tok):
+    """A pass packs the rows into one sequence and relies on transformers' attention
+    interface to attend per row; a model whose attention bypasses it would mix the rows,
+    so a pass on which no attention layer ran is an error. The model's own attention
+    setting is back after every pass."""
+    from spacy_medllm.llm.copy import attention
+
+    model = _model(char_tok)
+    with pytest.raises(NotImplementedError, match="attention interface"):
+        with attention.packed_pass(model.config, attention.PassLayout(None, 0, 0, None)):
+            pass  # a model that never called the interface
+    assert model.config._attn_implementation == "sdpa"
+    prompts, constraints = _rows(char_tok, _sentences(1))
+    _decode(model, char_tok, prompts, constraints)
+    assert model.config._attn_implementation == "sdpa"
+
+
 def test_sliding_window_caches_are_refused_before_any_pass(char_tok):
     """Rows are moved and cut in place in the KV cache, which a sliding-window layer
     crops on its own: such a model (e.g. a Mistral config with ``sliding_window``) gets a
@@ -342,28 +359,53 @@ def test_rows_join_as_others_finish(char_tok, monkeypatch):
     assert t_stats.forward_passes < 0.6 * one_by_one
 
 
-def test_feed_forward_skips_padding_with_the_same_values(char_tok):
-    """``_packed``: the MLPs run on the real positions of a right-padded block only; the
-    hidden states at those positions equal the unpacked pass (float64: exactly up to
-    rounding), and the hooks are gone afterwards."""
-    from spacy_medllm.llm.copy.batch import _layer_mlps, _packed
-
-    model = _model(char_tok, "llama", 4)
-    decoder = model.get_decoder()
-    lengths = [7, 3, 5]
-    ids = torch.randint(5, len(char_tok), (3, 7))
-    valid = torch.arange(7)[None, :] < torch.tensor(lengths)[:, None]
-    mask = valid.long()
+def test_packed_passes_give_the_models_own_logprobs(char_tok):
+    """A pass packs the rows' blocks into one sequence, keeps the cache of all layers in
+    one tensor and folds grouped query heads onto their key/value head: each chosen
+    token's log-probability equals the model's own forward over the prompt and the
+    answer so far (the choice is made on float32 logits, as for any model), so none of
+    it changes a value."""
+    model = _model(char_tok, "qwen2", 4)
+    assert model.config.num_attention_heads > model.config.num_key_value_heads
+    prompts, constraints = _rows(char_tok, _sentences(2))
+    rows, stats = _decode(model, char_tok, prompts, constraints, max_draft=8)
+    assert stats.hole_columns > 0  # rejected drafts left masked columns behind
     with torch.inference_mode():
-        plain = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        mlps = _layer_mlps(decoder)
-        assert len(mlps) == len(decoder.layers)
-        with _packed(mlps, valid.flatten().nonzero().flatten()):
-            packed = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        again = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-    assert torch.allclose(packed[valid], plain[valid], atol=1e-12)
-    assert torch.equal(again, plain)
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in mlps)
+        for prompt, row in zip(prompts, rows):
+            ids = torch.tensor([prompt + row.token_ids[:-1]])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1 :].float(), -1)
+            expected = logp[torch.arange(len(row.token_ids)), torch.tensor(row.token_ids)]
+            assert row.logprobs == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+def test_one_transfer_each_way_per_pass_whatever_the_depth(char_tok):
+    """Everything a pass needs goes to the device in one transfer and its choices come
+    back in one, however many layers the model has: a 4-layer model whose last two
+    layers add nothing decodes exactly as its first two layers do, with the same
+    transfers."""
+    import copy
+
+    from spacy_medllm.llm.copy import count_transfers
+
+    deep = build_tiny_model(char_tok, TinyModelConfig(**{**SMALL, "layers": 4})).double().eval()
+    with torch.no_grad():
+        for layer in deep.model.layers[2:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    shallow = copy.deepcopy(deep)
+    shallow.model.layers = shallow.model.layers[:2]
+    shallow.config.num_hidden_layers = 2
+    prompts, constraints = _rows(char_tok, _sentences(2))
+    _decode(shallow, char_tok, prompts[:1], constraints[:1])  # the index's one-time tensors
+    counts, answers = [], []
+    for model in (shallow, deep):
+        with count_transfers() as transfers:
+            rows, stats = _decode(model, char_tok, prompts, constraints, max_draft=8)
+        counts.append((transfers[0], stats.forward_passes))
+        answers.append([r.token_ids for r in rows])
+    assert answers[0] == answers[1]
+    assert counts[0] == counts[1]
+    assert counts[0][0] <= 2 * counts[0][1]
 
 
 def test_drafts_start_on_the_source_tokenization(bpe_tok):

@@ -25,12 +25,18 @@ no row needs them and compacted away when the holes grow. With drafts the batch 
 continuous: a finished row leaves and the next text's rows take its cache row in the next
 pass, their prefix written in place (a trained model brackets one or two types of a
 sentence and copies the others in a pass or two, so a fixed batch would run its slowest
-row's tail alone). Prompt tokens ride in those passes in chunks no wider than a draft;
-every draft fills the pass. The draft length adapts per row to how far the model followed
-the last draft (the output does not depend on it, only the compute does). The choices of
-all verified positions of a pass are made in a few tensor operations
-(:func:`.options._verify`); the output layer runs on those positions only and the
-feed-forward blocks skip the padding (:func:`.batch._plain_head`, :func:`.batch._packed`).
+row's tail alone). Prompt tokens ride in those passes in chunks no wider than a draft.
+The draft length adapts per row to how far the model followed the last draft, and is
+short where a bracket is likely (inside an open bracket; a row's first draft by its
+type's bracket rate so far): the output does not depend on it, only the compute does.
+The choices of
+all verified positions of a pass are made in a few tensor operations on the device
+(:meth:`.options._Staged.choose`); the output layer runs on those positions only
+(:func:`.batch._plain_head`). A pass packs the rows' blocks into one sequence of real
+tokens (no padding in the projections and feed-forward blocks; :mod:`.attention` lays
+them out per row for attention only), sends its inputs to the device in one transfer
+and reads back one tensor of choices; the cache of all layers is one tensor
+(:mod:`.kvstore`), so moving rows and columns is one operation whatever the depth.
 
 ``generate_constrained`` is the runtime entry (``HFGenerator`` calls it for requests that
 carry a constraint); :func:`~spacy_medllm.llm.prompt_lookup.generate_prompt_lookup` offers
@@ -49,12 +55,16 @@ One job per module:
 - :mod:`.results`: what a decoding call returns (:class:`DecodedRow`, :class:`DecodeStats`);
 - :mod:`.rule`: the same choice one position at a time for a model server's sampler
   (:class:`CopyRule`); it imports neither spaCy nor peft;
-- :mod:`.instrumentation`: counting model calls (:func:`count_forward_passes`).
+- :mod:`.kvstore`: the KV cache of all layers as one tensor (:class:`~.kvstore.KVStore`);
+- :mod:`.attention`: the attention of a packed pass, grouped heads without copies;
+- :mod:`.transfer`: every host<->device transfer, counted (one each way per pass);
+- :mod:`.instrumentation`: counting model calls and transfers (:func:`count_forward_passes`,
+  :func:`count_transfers`).
 """
 from ...types import CopyConstraint
 from .automaton import DONE, Configs, CopyAutomaton, DraftSpan
 from .batch import forward_module, shared_prefix_groups
-from .instrumentation import count_forward_passes
+from .instrumentation import count_forward_passes, count_transfers
 from .results import DecodedRow, DecodeStats
 from .rule import (
     COPY_REQUEST_ARG,
@@ -81,6 +91,7 @@ __all__ = [
     "VocabIndex",
     "copy_request_arg",
     "count_forward_passes",
+    "count_transfers",
     "decode_constrained",
     "forward_module",
     "generate_constrained",

@@ -5,12 +5,9 @@ Kept apart from the vocabulary and the model so that the grammar writer
 (:mod:`..copy_grammar`), the in-process decoder and a model server's rule all walk the
 same automaton and so accept exactly the same answers.
 """
-from typing import TYPE_CHECKING, Dict, FrozenSet, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, NamedTuple, Optional, Tuple
 
 from ...types import CopyConstraint
-
-if TYPE_CHECKING:  # the options cache's values; options.py imports this module
-    from .options import _Options
 
 # Automaton state inside the body: (source index, tuple of open positions, brackets emitted
 # since the last copied character, whether the last unit was an open bracket).
@@ -39,7 +36,7 @@ class CopyAutomaton:
     more when the source contains a bracket character). ``advance`` consumes one byte.
     """
 
-    def __init__(self, constraint: CopyConstraint, options_cache: Optional[Dict[Configs, "_Options"]] = None) -> None:
+    def __init__(self, constraint: CopyConstraint, options_cache: Optional[Dict[Configs, Any]] = None) -> None:
         self.constraint = constraint
         self.chars = [ch.encode("utf-8") for ch in constraint.source]
         self.open = constraint.open.encode("utf-8")
@@ -47,11 +44,11 @@ class CopyAutomaton:
         self.n = len(self.chars)
         self.initial: Configs = frozenset({((0, (), 0, False), constraint.forced_prefix.encode("utf-8"))})
         self._units: Dict[_Body, List[Tuple[bytes, _Body]]] = {}
-        # The allowed tokens per configuration set. Automata whose constraints differ only in
+        # The allowed tokens per configuration set (:func:`.options._options` fills it). Automata whose constraints differ only in
         # the forced prefix (the per-type prompts of one sentence) may share it: a
         # configuration inside the prefix carries its pending bytes, so the answer from a
         # configuration depends on nothing else.
-        self.options_cache: Dict[Configs, "_Options"] = {} if options_cache is None else options_cache
+        self.options_cache: Dict[Configs, Any] = {} if options_cache is None else options_cache
 
     def units(self, state: _Body) -> List[Tuple[bytes, _Body]]:
         """The units (copied character, open, close) that may follow ``state``."""
@@ -107,6 +104,10 @@ class CopyAutomaton:
             if not configs:
                 break
         return configs
+
+    def in_span(self, configs: Configs) -> bool:
+        """Whether some reading of the answer so far has an open bracket."""
+        return any(state[1] for state, _ in configs)
 
     def can_end(self, configs: Configs) -> bool:
         return any(not rem and state[0] == self.n and not state[1] for state, rem in configs)

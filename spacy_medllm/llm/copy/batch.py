@@ -1,18 +1,22 @@
-"""The KV cache of a batch of rows that advance at different speeds, and the model pass
-over it.
+"""The rows of a batch that advance at different speeds, and the model pass over them.
 
-Everything that touches the model's cache and modules lives here: one cache with explicit
-positions and a mask per row (rows join, leave and are compacted in place), the prompt
-prefix shared by several rows, and the shortcuts of a pass (the output layer on the
-verified positions only, the feed-forward blocks skipping the padding).
+Everything that touches the model's cache and modules lives here: the cache
+(:mod:`.kvstore`, one tensor for all layers) with explicit positions and a host-side mask
+per row (rows join, leave and are compacted in place), the prompt prefix shared by several
+rows, and the pass itself: the rows' blocks packed into one sequence of real tokens
+(:mod:`.attention`), the output layer on the verified positions only. Everything a pass
+needs on the device travels in one :class:`~.transfer.Payload`; cache operations that
+need a device index wait for it.
 """
 import inspect
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from ..peft_model import unwrap_peft
+from .attention import PassLayout, packed_pass
+from .kvstore import store_cache
 from .results import DecodeStats
+from .transfer import Payload
 
 MIN_SHARED = 4  # shorter common prefixes are not worth a separate pass
 
@@ -21,81 +25,106 @@ class _Batch:
     """One KV cache for several rows, with a validity mask over its columns.
 
     Rows advance by different numbers of tokens per pass, so positions are given per row;
-    blocks are right-padded, rejected and padded columns are masked and then dropped. A
-    row that leaves keeps its cache row until a joining row takes it (:meth:`seed`) or
-    nobody does (:meth:`select_rows`)."""
+    rejected columns are masked and then dropped. A row that leaves keeps its cache row
+    until a joining row takes it (:meth:`seed`) or nobody does (:meth:`select_rows`). The
+    mask is the host's (it decides every change); the device gets it with each pass."""
 
     def __init__(self, model: Any, pad_id: int) -> None:
+        if len(set(getattr(unwrap_peft(model), "hf_device_map", {}).values())) > 1:
+            raise NotImplementedError(
+                "Constrained decoding keeps the KV cache of all layers in one tensor: "
+                "load the model on one device (no device_map across devices)."
+            )
         self.model = model
         self.pad_id = pad_id
         self.head = _plain_head(model)
-        self.mlps = _layer_mlps(self.head[0]) if self.head is not None else []
+        self.config = unwrap_peft(model).config
         self.takes_logits_to_keep = "logits_to_keep" in inspect.signature(unwrap_peft(model).forward).parameters
         self._reset()
         self.last_width = 0
 
     def _reset(self) -> None:
         """An empty batch: no rows, a new cache (refused here, before any pass, when its
-        layers are not full-attention dynamic ones: rows are moved and cut in place)."""
+        layers are not full-attention ones)."""
         import torch
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
 
-        self.cache = DynamicCache(config=self.model.config)
-        for layer in self.cache.layers:
-            if not isinstance(layer, DynamicLayer) or getattr(layer, "is_sliding", False):
-                raise NotImplementedError(
-                    f"Constrained decoding needs a full-attention dynamic KV cache, got {type(layer).__name__}."
-                )
+        self.store, self.cache = store_cache(self.config)
         self.mask = torch.zeros((0, 0), dtype=torch.long)
+        # cache operations waiting for a device index (a compaction) and those queued behind it
+        self.deferred: List[Tuple[Callable[[Any], None], Optional[Any]]] = []
+
+    def _defer(self, op: Callable[[Any], None], data: Optional[Any] = None) -> None:
+        """Run ``op`` on the store now, or after the operations waiting for the next
+        payload; ``data`` (a host index) travels in that payload and is ``op``'s argument."""
+        if data is None and not self.deferred:
+            op(None)
+        else:
+            self.deferred.append((op, data))
 
     def forward(
         self,
         blocks: Sequence[Sequence[int]],
         starts: Sequence[int],
-        select: Sequence[Tuple[int, int]] = (),
-    ) -> Any:
+        select: Sequence[Tuple[int, int]],
+        payload: Payload,
+        stats: DecodeStats,
+    ) -> Tuple[Any, List[Any]]:
         """One pass on a block of tokens per row (row r's first token at position
-        ``starts[r]``); returns the logits [len(select), vocab] at the (row, block column)
-        pairs of ``select``, or None when nothing is selected (a prefill).
+        ``starts[r]``), the blocks packed into one sequence; returns the logits
+        [len(select), vocab] at the (row, block column) pairs of ``select`` (None when
+        nothing is selected: a prefill) and the device parts of ``payload``, which is
+        sent here with the pass's own inputs: one transfer.
 
         The output layer runs on the selected positions only where the model's logits are
         plainly its output layer on the last hidden state (:func:`_plain_head`): over a
-        large vocabulary it costs as much as the layers below, and a pass selects about
-        two thirds of its positions (the others are padding and prompt chunks). There the
-        feed-forward blocks also skip the padding when it is a tenth of the block or more
-        (:func:`_packed`; measured 15.0 -> 13.1 ms for a pass of 18 x 33 with a third padded)."""
+        large vocabulary it costs as much as the layers below."""
         import torch
 
-        width = max(1, max(len(b) for b in blocks))
-        ids = torch.tensor([list(b) + [self.pad_id] * (width - len(b)) for b in blocks], dtype=torch.long)
-        valid = (torch.arange(width)[None, :] < torch.tensor([len(b) for b in blocks])[:, None]).long()
-        positions = torch.tensor(list(starts))[:, None] + torch.arange(width)
-        mask = torch.cat([self.mask, valid], dim=1)
-        device = self.model.device
-        inputs = {
-            "input_ids": ids.to(device),
-            "attention_mask": mask.to(device),
-            "position_ids": positions.to(device),
-            "cache": self.cache,
-            "use_cache": True,
-        }
-        rows = torch.tensor([r for r, _ in select], dtype=torch.long, device=device)
-        cols = torch.tensor([c for _, c in select], dtype=torch.long, device=device)
-        if self.head is not None:
-            decoder, output_layer = self.head
-            real = valid.flatten().nonzero().flatten()
-            packed = _packed(self.mlps, real.to(device)) if len(real) < PACK_BELOW * valid.numel() else nullcontext()
-            with packed:
+        rows, width, columns = len(blocks), max(1, max(len(b) for b in blocks)), self.mask.shape[1]
+        lengths = torch.tensor([len(b) for b in blocks])
+        valid = torch.arange(width)[None, :] < lengths[:, None]
+        mask = torch.cat([self.mask, valid.long()], dim=1)
+        offsets = [0]
+        for b in blocks:
+            offsets.append(offsets[-1] + len(b))
+        parts = (
+            payload.add([t for b in blocks for t in b]),
+            payload.add([s + j for s, b in zip(starts, blocks) for j in range(len(b))]),
+            payload.add(valid.flatten().nonzero().flatten()),
+            payload.add(mask),
+            payload.add([offsets[r] + c for r, c in select]),
+        )
+        waiting = [(op, payload.add(data) if data is not None else None) for op, data in self.deferred]
+        sent = payload.send(self.model.device)
+        for op, part in waiting:
+            op(sent[part] if part is not None else None)
+        self.deferred = []
+        ids, positions, index, device_mask, selected = (sent[k] for k in parts)
+        store = self.store
+        store.rows, store.end = rows, columns + width
+        store.reserve(store.end)
+        store.slots = (index // width, index % width + columns)
+        causal = torch.arange(columns + width, device=index.device)[None, :] <= columns + torch.arange(
+            width, device=index.device
+        )[:, None]
+        allowed = device_mask.view(rows, columns + width).bool()[:, None, :] & causal[None]
+        inputs = {"input_ids": ids[None], "position_ids": positions[None], "cache": self.cache, "use_cache": True}
+        with packed_pass(self.config, PassLayout(index, rows, width, allowed)):
+            if self.head is not None:
+                decoder, output_layer = self.head
                 hidden = decoder(**inputs).last_hidden_state
-            logits = output_layer(hidden[rows.to(hidden.device), cols.to(hidden.device)]) if select else None
-        else:
-            keep = width - int(cols.min()) if select else 1
-            out = self.model(**inputs, **({"logits_to_keep": keep} if self.takes_logits_to_keep else {}))
-            logits = out.logits[rows, cols - (width - out.logits.shape[1])] if select else None
+                logits = output_layer(hidden[0, selected]) if select else None
+            else:
+                keep = len(ids) - min(offsets[r] + c for r, c in select) if select else 1
+                out = self.model(**inputs, **({"logits_to_keep": keep} if self.takes_logits_to_keep else {}))
+                logits = out.logits[0, selected - (len(ids) - out.logits.shape[1])] if select else None
+        stats.positions += len(ids)
+        stats.key_columns += rows * columns
+        stats.hole_columns += rows * columns - int(self.mask.sum())
         self.mask = mask
+        store.columns = columns + width
         self.last_width = width
-        return logits
+        return logits, sent
 
     def add_rows(self, seeds: Sequence[Optional["_Prefix"]]) -> None:
         """Append one row per seed, holding that cached prefix (the prompt part common to
@@ -105,19 +134,15 @@ class _Batch:
 
         if not seeds:
             return
-        before, width, layers = self.mask.shape[0], self.mask.shape[1], self.cache.layers
+        before, width = self.mask.shape
         self.mask = torch.cat([self.mask, self.mask.new_zeros((len(seeds), width))])
         reference = next((seed.kv for seed in seeds if seed is not None), None)
-        if not layers or layers[0].keys is None:  # nothing cached yet
+        store = self.store
+        if store.data is None and not self.deferred:  # nothing cached yet
             if reference is None:
-                return  # the next pass creates the cache for every row
-            for i, (keys, values) in enumerate(reference):
-                shape = (before, keys.shape[1], width, keys.shape[3])
-                self.cache.update(keys.new_zeros(shape), values.new_zeros(shape), i)
-        for layer in layers:
-            rows = (len(seeds),) + tuple(layer.keys.shape[1:])
-            layer.keys = torch.cat([layer.keys, layer.keys.new_zeros(rows)])
-            layer.values = torch.cat([layer.values, layer.values.new_zeros(rows)])
+                return  # the first pass creates the cache for every row
+            store.allocate(reference, before, width)
+        self._defer(lambda _: store.add_rows(len(seeds)))
         longest = max([seed.length for seed in seeds if seed is not None], default=0)
         if longest > width:
             self._widen(longest)
@@ -127,14 +152,8 @@ class _Batch:
     def extract(self, row: int) -> "_Prefix":
         """The keys/values of batch row ``row``'s valid columns, in order: a text's shared
         prompt part, to seed its rows with."""
-        import torch
-
-        cols = torch.nonzero(self.mask[row]).flatten()
-        kv = []
-        for layer in self.cache.layers:
-            index = cols.to(layer.keys.device)
-            kv.append(tuple(part[row : row + 1].index_select(2, index) for part in (layer.keys, layer.values)))
-        return _Prefix(len(cols), kv)
+        cols = self.mask[row].nonzero().flatten().tolist()
+        return _Prefix(len(cols), self.store.extract(row, _runs(cols)))
 
     def seed(self, row: int, seed: Optional["_Prefix"]) -> None:
         """Give batch row ``row``, whose row has left, to a joining row holding ``seed``:
@@ -147,15 +166,15 @@ class _Batch:
         if seed.length > self.mask.shape[1]:
             self._widen(seed.length)
         self.mask[row, : seed.length] = 1
-        for layer, (keys, values) in zip(self.cache.layers, seed.kv):
-            layer.keys[row, :, : seed.length] = keys[0]
-            layer.values[row, :, : seed.length] = values[0]
+        store = self.store
+        self._defer(lambda _: store.seed(row, seed.kv))
 
     def _widen(self, width: int) -> None:
-        grow = width - self.mask.shape[1]
-        self.mask = _with_zero_columns(self.mask, grow)
-        for layer in self.cache.layers:
-            layer.keys, layer.values = _with_zero_columns(layer.keys, grow), _with_zero_columns(layer.values, grow)
+        """Columns up to ``width`` (the new ones masked)."""
+        self.mask = _with_zero_columns(self.mask, width - self.mask.shape[1])
+        store = self.store
+        store.columns = width
+        self._defer(lambda _: store.reserve(width))
 
     def select_rows(self, rows: Sequence[int]) -> None:
         """Keep batch rows ``rows`` only, in that order (rows left and nobody took them)."""
@@ -164,10 +183,9 @@ class _Batch:
         if not rows:
             self._reset()
             return
-        index = torch.tensor(list(rows), dtype=torch.long)
-        self.mask = self.mask[index]
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[index.to(layer.keys.device)], layer.values[index.to(layer.keys.device)]
+        self.mask = self.mask[torch.tensor(list(rows), dtype=torch.long)]
+        store = self.store
+        self._defer(lambda _: store.take_rows(_runs(rows)))
 
     def keep(self, kept_new: Sequence[Optional[int]]) -> None:
         """Of the columns of the last pass keep the first ``kept_new[r]`` for batch row r;
@@ -175,7 +193,8 @@ class _Batch:
         :meth:`select_rows`).
 
         Columns no row uses any more are cropped from the end (cheap); the cache is only
-        re-gathered when masked holes would waste a quarter of it."""
+        re-gathered when masked holes would waste a quarter of it, with the next pass
+        (its index travels in that pass's payload)."""
         import torch
 
         if all(n is None for n in kept_new):
@@ -188,7 +207,7 @@ class _Batch:
         used = torch.nonzero(mask.any(dim=0)).flatten()
         end = int(used[-1]) + 1 if len(used) else 0
         if end - int(counts.max()) < max(32, end // 4):
-            self.cache.crop(end - mask.shape[1])
+            self.store.columns = end
             self.mask = mask[:, :end]
             return
         new_len = int(counts.max())
@@ -197,7 +216,21 @@ class _Batch:
         arange = torch.arange(new_len)[None, :]
         cols = torch.where(arange < counts[:, None], order, torch.zeros_like(order))
         self.mask = (arange < counts[:, None]).long()
-        _gather_cache(self.cache, cols)
+        store = self.store
+        store.columns = new_len
+        rows = len(cols)
+        self._defer(lambda sent: store.gather_columns(sent.view(rows, new_len)), cols)
+
+
+def _runs(items: Sequence[int]) -> List[Tuple[int, int]]:
+    """Ascending-consecutive stretches of ``items`` as [start, end) ranges, in order."""
+    runs: List[Tuple[int, int]] = []
+    for i in items:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 def _with_zero_columns(tensor: Any, columns: int) -> Any:
@@ -225,57 +258,12 @@ def _plain_head(model: Any) -> Optional[Tuple[Any, Any]]:
     return base.get_decoder(), base.get_output_embeddings()
 
 
-PACK_BELOW = 0.9  # share of real (unpadded) positions under which the MLPs skip the padding
-
-
-def _layer_mlps(decoder: Any) -> List[Any]:
-    """The feed-forward block of every decoder layer (``layer.mlp``), or [] if any lacks one."""
-    mlps = [getattr(layer, "mlp", None) for layer in getattr(decoder, "layers", [])]
-    return mlps if mlps and all(m is not None for m in mlps) else []
-
-
-@contextmanager
-def _packed(mlps: Sequence[Any], real: Any) -> Iterator[None]:
-    """Run the feed-forward blocks on the real positions only (``real``: flat indices into
-    the [rows, width] block); padded positions get zeros, which nothing attends to. A
-    position-wise block gives the same values either way, and it is most of a layer's
-    arithmetic: a pass is padded where rows end before the widest one."""
-    shapes: List[Any] = []
-
-    def pack(_module: Any, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
-        hidden = args[0]
-        shapes.append(hidden.shape)
-        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, real),) + tuple(args[1:])
-
-    def unpack(_module: Any, _args: Tuple[Any, ...], out: Any) -> Any:
-        rows, width, _ = shapes.pop()
-        full = out.new_zeros((rows * width, out.shape[-1])).index_copy_(0, real, out)
-        return full.view(rows, width, -1)
-
-    handles = [h for m in mlps for h in (m.register_forward_pre_hook(pack), m.register_forward_hook(unpack))]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def forward_module(model: Any) -> Any:
     """The module every forward path of ``model`` (its forward, ``generate``, the
     constrained decoder's) runs exactly once per pass: the decoder of a model with a
     plain head, else the model (a peft model's base model)."""
     head = _plain_head(model)
     return head[0] if head is not None else unwrap_peft(model)
-
-
-def _gather_cache(cache: Any, cols: Any) -> None:
-    """Select per batch row the sequence columns ``cols`` [rows, T'] in place (the
-    layers are full-attention dynamic ones: :meth:`_Batch._reset` checks)."""
-    for layer in cache.layers:
-        keys = layer.keys
-        index = cols.to(keys.device)[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
-        layer.keys = keys.gather(2, index)
-        layer.values = layer.values.gather(2, index)
 
 
 def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
@@ -312,7 +300,7 @@ class _Prefix:
     one text's shared part), computed once and seeded into the rows that start with it."""
 
     length: int
-    kv: List[Tuple[object, object]]
+    kv: Any  # [layers, 2, kv heads, length, head dim]
 
 
 def _common_prefix(
@@ -331,7 +319,7 @@ def _common_prefix(
         return None
     batch = _Batch(model, pad_id)
     batch.add_rows([None])
-    batch.forward([heads[0][:top]], [0])
+    batch.forward([heads[0][:top]], [0], [], Payload(), stats)
     stats.forward_passes += 1
     stats.prefill_tokens += top
-    return _Prefix(top, [(layer.keys, layer.values) for layer in batch.cache.layers])
+    return _Prefix(top, batch.store.data[:, :, 0, :, :top])

@@ -8,13 +8,21 @@ tokens.
 """
 import bisect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Protocol, Union
 
-from .automaton import CopyAutomaton
+from .automaton import Configs, CopyAutomaton
 from .vocab import VocabIndex
 
-if TYPE_CHECKING:  # a draft is made for a row of the stream, which imports this module
-    from .stream import _Row
+
+class DraftRow(Protocol):
+    """What a draft needs of a row of the stream (:class:`.stream._Row`, which imports this
+    module): its automaton and configuration, its answer so far and its token budget."""
+
+    automaton: CopyAutomaton
+    configs: Configs
+    out: List[int]
+    max_new: int
+
 
 # text bytes -> the tokens spelling them; a source text -> its _SourceTokens (one decoding call)
 DraftCache = Dict[Union[bytes, str], Any]
@@ -30,7 +38,7 @@ def _encode(tokenizer: Any, text: str) -> List[int]:
 
 
 def _draft_tokens(
-    index: VocabIndex, tokenizer: Any, row: "_Row", max_draft: int, eos_id: int, cache: DraftCache
+    index: VocabIndex, tokenizer: Any, row: DraftRow, max_draft: int, eos_id: int, cache: DraftCache
 ) -> List[int]:
     """Tokens of the rest of the answer without further open brackets (the draft): the
     pending bytes of the current unit, the source from the current character, the

@@ -1,9 +1,11 @@
 """Counting the model calls of any forward path (plain ``generate``, prompt lookup, the
-constrained decoder) the same way, for the benchmarks and tests that compare them."""
+constrained decoder) the same way, and the decoder's host<->device transfers, for the
+benchmarks and tests that compare them."""
 from contextlib import contextmanager
 from typing import Any, Iterator, List
 
 from .batch import forward_module
+from .transfer import TRANSFERS
 
 
 @contextmanager
@@ -20,3 +22,15 @@ def count_forward_passes(model: Any) -> Iterator[List[int]]:
         yield counter
     finally:
         handle.remove()
+
+
+@contextmanager
+def count_transfers() -> Iterator[List[int]]:
+    """Count the decoder's host<->device transfers inside the block (a one-element list,
+    updated when the block ends): every one goes through :mod:`.transfer`."""
+    counter = [0]
+    before = TRANSFERS[0]
+    try:
+        yield counter
+    finally:
+        counter[0] = TRANSFERS[0] - before

@@ -12,7 +12,10 @@ class DecodeStats:
     """Counters of one decoding call. ``forward_passes`` counts model calls (a batched
     call is one); ``draft_tokens``/``accepted_tokens`` measure the speculation;
     ``prompt_tokens`` is the prompts' total length, ``prefill_tokens`` the prompt tokens
-    the model computed (a shared prefix once for all rows that share it)."""
+    the model computed (a shared prefix once for all rows that share it); ``positions``
+    the token positions the model computed (rejected draft tokens are the waste among
+    them); ``key_columns``/``hole_columns`` the cache columns attended to by the rows of
+    each pass and the masked ones among them."""
 
     forward_passes: int = 0
     generated_tokens: int = 0
@@ -20,6 +23,9 @@ class DecodeStats:
     accepted_tokens: int = 0
     prompt_tokens: int = 0
     prefill_tokens: int = 0
+    positions: int = 0
+    key_columns: int = 0
+    hole_columns: int = 0
     seconds: float = 0.0
 
 

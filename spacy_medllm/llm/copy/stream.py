@@ -16,11 +16,13 @@ from ...types import CopyConstraint
 from .automaton import Configs, CopyAutomaton
 from .batch import _Batch, _common_prefix, _Prefix, shared_prefix_groups
 from .drafts import DraftCache, _draft_tokens
-from .options import _Options, _options, _OptionTable, _verify
+from .options import _Options, _options, _OptionTable
 from .results import DecodedRow, DecodeStats
+from .transfer import Payload, to_host
 from .vocab import VocabIndex, vocab_index
 
 MIN_DRAFT = 4
+SPAN_DRAFT = 2  # draft tokens inside an open bracket: its close comes within a few tokens
 # (row indices, shared prompt length) of one text: :func:`~.batch.shared_prefix_groups`
 _Unit = Tuple[List[int], int]
 
@@ -133,6 +135,8 @@ class _Stream:
         self.batch = _Batch(context.model, context.pad_id)
         self.draft_cache: DraftCache = {}
         self.table = _OptionTable()
+        # per forced prefix (one entity type's rows): [brackets, tokens] they chose so far
+        self.bracket_rate: Dict[str, List[int]] = {}
 
     def run(self) -> None:
         while self.queue or self.live or self.ready:
@@ -189,23 +193,25 @@ class _Stream:
         if not any(isinstance(x, _Row) and len(x.pending) <= chunk for x in live):
             chunk = max(len(x.pending) for x in live)
         verifying = [isinstance(x, _Row) and len(x.pending) <= chunk for x in live]
-        # per verifying row the draft as wide as a pass allows; a pass is as wide as its
-        # widest block, and padding still costs attention: every draft fills it (capping
-        # each row at its own draft length measured slower, 0.88-0.92 s against 0.86 s)
-        longest = [self._draft(x, chunk - len(x.pending)) if v else [] for x, v in zip(live, verifying)]
-        width = max(
-            len(x.pending) + min(x.draft_len, len(d)) if v else min(chunk, len(x.pending))
-            for x, v, d in zip(live, verifying, longest)
-        )
+        # per verifying row its own draft length (the model's recent agreement with the
+        # drafts): the pass is packed, so a shorter draft saves positions, not padding
         plans = [
-            _plan(index, x, d[: width - len(x.pending)], len(x.pending) - 1, self.eos_ids) if v else None
-            for x, v, d in zip(live, verifying, longest)
+            _plan(index, x, self._draft(x, min(x.draft_len, chunk - len(x.pending))), len(x.pending) - 1, self.eos_ids)
+            if v
+            else None
+            for x, v in zip(live, verifying)
         ]
         blocks = [x.pending + plan.draft if plan else x.pending[:chunk] for x, plan in zip(live, plans)]
         select = [(r, plan.start + k) for r, plan in enumerate(plans) if plan for k in range(len(plan.options))]
-        logits = self.batch.forward(blocks, [x.pos for x in live], select)
         options = [o for plan in plans if plan for o in plan.options]
-        chosen, logprobs = _verify(logits, options, index, self.table)
+        payload = Payload()
+        staged = self.table.stage(options, payload) if options else None
+        logits, sent = self.batch.forward(blocks, [x.pos for x in live], select, payload, self.stats)
+        chosen: List[int] = []
+        logprobs: List[float] = []
+        if staged is not None:  # the pass's one transfer back: the choices
+            chosen_ids, logprobs = to_host(staged.choose(logits, sent, index))
+            chosen = [int(t) for t in chosen_ids]
         self.stats.forward_passes += 1
         at, kept_new = 0, []  # per batch row: columns of this pass it keeps, None: it left
         for r, (x, plan) in enumerate(zip(live, plans)):
@@ -239,14 +245,23 @@ class _Stream:
         self.live = [] if all(left) else [None if gone else x for x, gone in zip(live, left)]
 
     def _draft(self, row: _Row, room: int) -> List[int]:
+        """The row's draft, at most ``room`` tokens. Draft tokens after a bracket the model
+        then writes are computed in vain, so where a bracket is likely the draft is short:
+        inside an open bracket (the close is near) and, for a row's first draft, as long
+        as the rows of its type have gone between brackets so far in this call."""
         if not self.speculative or room <= 0:
             return []
+        if not row.out:
+            brackets, tokens = self.bracket_rate.get(row.automaton.constraint.forced_prefix, (0, 0))
+            room = min(room, max(MIN_DRAFT, (tokens + 1) // (brackets + 1)))
+        elif row.automaton.in_span(row.configs):
+            room = min(room, SPAN_DRAFT)
         return _draft_tokens(self.index, self.tokenizer, row, room, self.eos_ids[0], self.draft_cache)
 
     def _accept(self, row: _Row, plan: _Plan, chosen: List[int], logprobs: List[float]) -> int:
         """Take the choices along the draft up to the first one that differs from it
         (that one included); returns how many draft tokens were accepted."""
-        accepted = 0
+        accepted, before = 0, len(row.out)
         for k, (token, logprob) in enumerate(zip(chosen, logprobs)):
             row.out.append(token)
             row.logprobs.append(logprob)
@@ -260,6 +275,11 @@ class _Stream:
             break
         self.stats.draft_tokens += len(plan.draft)
         self.stats.accepted_tokens += accepted
+        c = row.automaton.constraint
+        rate = self.bracket_rate.setdefault(c.forced_prefix, [0, 0])
+        brackets = self.index.bracket_ids(c.open, c.close)
+        rate[0] += sum(t in brackets for t in row.out[before:])
+        rate[1] += len(row.out) - before
         # Adapt the draft to how far the model follows the source (it only costs compute):
         # twice the accepted run, shrinking at most by half per pass, so one bracket does
         # not cut the draft of a model that otherwise copies.

@@ -10,9 +10,10 @@ import json
 import re
 import weakref
 from functools import lru_cache
-from typing import Any, Dict, FrozenSet, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
 
 from .automaton import Configs, CopyAutomaton, _Body
+from .transfer import Payload
 
 
 @lru_cache(maxsize=1)
@@ -130,13 +131,20 @@ class VocabIndex:
     def bracket_tensor(self, open: str, close: str, logits: Any) -> Any:
         """:meth:`bracket_ids` within ``logits``' vocabulary axis, ascending, as an index
         tensor on its device (cached per device and width)."""
-        import torch
+        return self._tensor((open, close), lambda: self.bracket_ids(open, close), logits)
 
-        key = (open, close, logits.device, logits.shape[-1])
-        found = self._bracket_tensors.get(key)
+    def open_tensor(self, open: str, logits: Any) -> Any:
+        """The tokens starting with ``open`` (:meth:`ids_starting_with`) as an index
+        tensor on ``logits``' device (cached): where ``open_bias`` is added."""
+        return self._tensor((open,), lambda: self.ids_starting_with(open.encode("utf8")), logits)
+
+    def _tensor(self, key: Tuple[str, ...], ids: Callable[[], Iterable[int]], logits: Any) -> Any:
+        full = key + (str(logits.device), logits.shape[-1])
+        found = self._bracket_tensors.get(full)
         if found is None:
-            ids = sorted(i for i in self.bracket_ids(open, close) if i < logits.shape[-1])
-            found = self._bracket_tensors[key] = torch.tensor(ids, dtype=torch.long, device=logits.device)
+            payload = Payload()
+            payload.add(sorted(i for i in ids() if i < logits.shape[-1]))
+            found = self._bracket_tensors[full] = payload.send(logits.device)[0]
         return found
 
     def narrow(self, prefix: bytes, lo: int, hi: int) -> Tuple[int, int]:
