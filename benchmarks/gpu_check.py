@@ -214,31 +214,63 @@ def _key(hashes):
     return hashes[..., 0] * MOD + hashes[..., 1]
 
 
+HASH_DIGITS = 5  # base-128 digits of a hash below 2**31; each is exact in bf16
+
+
+def _encode(hashes, dtype):
+    """Hashes [..., 2] as 2 x ``HASH_DIGITS`` base-128 digits [..., 10] of ``dtype``."""
+    shifts = 7 * torch.arange(HASH_DIGITS, device=hashes.device)
+    return (hashes[..., None] >> shifts & 127).flatten(-2).to(dtype)
+
+
+def _decode(digits):
+    """:func:`_encode`'s inverse: digits [..., 10] back to hashes [..., 2]."""
+    shifts = 7 * torch.arange(HASH_DIGITS, device=digits.device)
+    return (digits.round().long().unflatten(-1, (2, HASH_DIGITS)) << shifts).sum(-1)
+
+
+def _last_valid(past, valid):
+    """Per row the entry of ``past`` [rows, columns, ...] at the row's last valid column
+    (``valid`` [rows, columns]), zeros for a row with none."""
+    rows, columns = valid.shape
+    last = (valid.long() * torch.arange(1, columns + 1, device=valid.device)).amax(1)
+    index = (last - 1).clamp(min=0).view(rows, 1, *([1] * (past.dim() - 2)))
+    found = past.gather(1, index.expand(rows, 1, *past.shape[2:]))[:, 0]
+    return torch.where((last > 0).view(rows, *([1] * (found.dim() - 1))), found, torch.zeros_like(found))
+
+
 @contextmanager
 def history_slot(config) -> Iterator[int]:
     """Every KV cache made for ``config`` in the block gets one more layer, after the
-    model's (``DynamicCache.__init__`` is wrapped meanwhile): :class:`GoldForcing` keeps
-    each column's history hash there. Both the constrained decoder and ``generate`` build
-    theirs with ``DynamicCache(config=...)``; the constrained decoder moves, copies and
-    cuts rows and columns of every layer of its cache in place, so a hash kept there stays
-    with its column, where one kept beside the cache would not. Yields the slot's layer
-    index."""
+    model's: :class:`GoldForcing` keeps each column's history hash there, where it stays
+    with its column whoever moves, copies or cuts the cache's rows and columns. Two kinds
+    of cache are made: ``generate``'s ``DynamicCache(config=...)`` (its ``__init__`` is
+    wrapped meanwhile, and the hashes are long tensors in the extra ``DynamicLayer``), and
+    the constrained decoder's :class:`~spacy_medllm.llm.copy.kvstore.KVStore`, one tensor
+    for all layers that the decoder moves as a whole (its ``__init__`` is wrapped to
+    count one more layer; the hashes are digits in that layer's keys, see
+    :func:`_encode`). Yields the slot's layer index."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
+    from spacy_medllm.llm.copy.kvstore import KVStore
+
     layers = config.num_hidden_layers
-    original = DynamicCache.__init__
+    original, original_store = DynamicCache.__init__, KVStore.__init__
 
     def init(cache, *args, **kwargs):
         original(cache, *args, **kwargs)
         if len(cache.layers) == layers:  # made from the config (a lazy cache starts empty)
             cache.layers.append(DynamicLayer())
 
-    DynamicCache.__init__ = init
+    def init_store(store, count: int) -> None:
+        original_store(store, count + 1 if count == layers else count)
+
+    DynamicCache.__init__, KVStore.__init__ = init, init_store
     try:
         yield layers
     finally:
-        DynamicCache.__init__ = original
+        DynamicCache.__init__, KVStore.__init__ = original, original_store
 
 
 class GoldForcing:
@@ -257,7 +289,12 @@ class GoldForcing:
     hashes up in the gold paths' table and appends the gold next token to the hidden
     state as 3 base-128 digits (exact in bf16); the output layer's hooks strip them and add
     the bias. The digits follow each position through the decoder's own choice of the
-    positions it needs logits for."""
+    positions it needs logits for.
+
+    The new tokens come in two layouts: ``generate``'s [rows, width] block with an
+    ``attention_mask`` [rows, columns] over cache and block, and the constrained decoder's
+    packed pass, one sequence [1, tokens] of real tokens whose rows, block columns and
+    mask are the pass's :class:`~spacy_medllm.llm.copy.attention.PassLayout`."""
 
     def __init__(self, model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]]):
         self.model = model
@@ -298,19 +335,12 @@ class GoldForcing:
 
     def _after_decoder(self, _module, args, kwargs, output):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        mask = kwargs["attention_mask"].bool()
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         layer = cache.layers[self.slot]
-        rows, width = ids.shape
-        past_valid = mask[:, : mask.shape[1] - width]
-        prev = torch.zeros((rows, 2), dtype=torch.long, device=ids.device)
-        if past_valid.shape[1]:
-            past = layer.keys[:, 0]  # [rows, columns, 2]
-            last = (past_valid.long() * torch.arange(1, past.shape[1] + 1, device=ids.device)).amax(1)
-            found = past.gather(1, (last - 1).clamp(min=0)[:, None, None].expand(-1, 1, 2))[:, 0]
-            prev = torch.where((last > 0)[:, None], found, prev)
-        hashes = self.hasher.extend(prev, ids, mask[:, -width:])
-        layer.update(hashes[:, None], hashes[:, None])
+        if hasattr(layer, "store"):  # a layer of the constrained decoder's KVStore
+            hashes = self._packed_hashes(ids, layer.store)
+        else:
+            hashes = self._block_hashes(ids, kwargs["attention_mask"].bool(), layer)
         keys = _key(hashes)
         at = torch.searchsorted(self.keys, keys).clamp(max=len(self.keys) - 1)
         target = torch.where(self.keys[at] == keys, self.targets[at], -1) + 1  # 0: no bias
@@ -318,6 +348,42 @@ class GoldForcing:
         hidden = output.last_hidden_state
         output.last_hidden_state = torch.cat([hidden, digits.to(hidden.dtype)], -1)
         return output
+
+    def _block_hashes(self, ids, mask, layer):
+        """``generate``'s pass: hashes [rows, width, 2] of the block ``ids`` [rows, width],
+        the slot's ``DynamicLayer`` holding the past columns' hashes [rows, 1, columns, 2]."""
+        width = ids.shape[1]
+        past_valid = mask[:, : mask.shape[1] - width]
+        prev = torch.zeros((ids.shape[0], 2), dtype=torch.long, device=ids.device)
+        if past_valid.shape[1]:
+            prev = _last_valid(layer.keys[:, 0], past_valid)
+        hashes = self.hasher.extend(prev, ids, mask[:, -width:])
+        layer.update(hashes[:, None], hashes[:, None])
+        return hashes
+
+    def _packed_hashes(self, ids, store):
+        """The constrained decoder's packed pass: hashes [1, tokens, 2] of ``ids`` [1, tokens],
+        laid out per row by the pass's layout; the store's slot layer holds each column's
+        hash as digits in the first key head, and the new ones are written at the pass's
+        slots like every layer's keys."""
+        from spacy_medllm.llm.copy import attention
+
+        layout = attention._ACTIVE.layout  # set by packed_pass for the pass running
+        rows, width, index = layout.rows, layout.width, layout.index
+        columns = layout.allowed.shape[2] - width
+        tokens = ids.new_zeros(rows * width).index_copy_(0, index, ids[0]).view(rows, width)
+        valid = torch.zeros(rows * width, dtype=torch.bool, device=ids.device).index_fill_(0, index, True)
+        prev = torch.zeros((rows, 2), dtype=torch.long, device=ids.device)
+        if columns:
+            past = store.data[self.slot, 0, :, 0, :columns, : 2 * HASH_DIGITS]  # [rows, columns, 10]
+            prev = _decode(_last_valid(past, layout.allowed[:, 0, :columns]))  # the first query sees all past
+        hashes = self.hasher.extend(prev, tokens, valid.view(rows, width))
+        packed = hashes.reshape(rows * width, 2).index_select(0, index)  # [tokens, 2]
+        heads, dim = store.data.shape[3], store.data.shape[5]
+        keys = store.data.new_zeros((1, heads, len(index), dim))
+        keys[0, 0, :, : 2 * HASH_DIGITS] = _encode(packed, keys.dtype)
+        store.write(self.slot, keys, keys)
+        return packed[None]
 
     def _strip_digits(self, _module, args):
         hidden = args[0]
