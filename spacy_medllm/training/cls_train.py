@@ -37,17 +37,6 @@ from ..llm.cls_head import ClassifierSettings, SpanClassifier
 from ..llm.loader import ModelSpec
 from ..llm.tiny import TinyModelConfig, build_char_tokenizer, build_tiny_model
 from .cls_data import ClsRecord
-from .hf_trainer import (
-    DevEvaluation,
-    EpochBatches,
-    JsonlLog,
-    MedLLMTrainer,
-    RunControl,
-    check_processes,
-    quiet_progress,
-    summed_cross_entropy,
-    training_arguments,
-)
 from .sft import LoraSettings, SFTConfig, SFTModel, load_for_training
 
 ClassifierBuilder = Callable[[Sequence[ClsRecord], Dict[str, str], int], SpanClassifier]
@@ -231,6 +220,18 @@ def train_classifier(
     head), evaluating on ``dev`` after each epoch (and every ``eval_every`` steps) and
     keeping ``model-best`` by ``config.score_key`` (lower is better for ``loss``)."""
     import torch
+
+    from .hf_trainer import (  # the Trainer's imports cost seconds: only when training
+        DevEvaluation,
+        EpochBatches,
+        JsonlLog,
+        MedLLMTrainer,
+        RunControl,
+        check_processes,
+        quiet_progress,
+        summed_cross_entropy,
+        training_arguments,
+    )
 
     start_time = time.perf_counter()
     if not train:

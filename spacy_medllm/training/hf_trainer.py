@@ -23,10 +23,6 @@ from wasabi import msg
 from ..errors import SFTError
 from .sft_data import IGNORE_INDEX, epoch_batches
 
-PRECISIONS = ("no", "bf16", "fp16")
-REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
-
-
 def training_arguments(config, checkpoint_dir: Path, *, checkpoints: bool, metric: Optional[str], greater_is_better: bool = True) -> TrainingArguments:
     """``TrainingArguments`` from an :class:`~.sft.SFTConfig`. Evaluation is driven by
     :class:`RunControl` (``eval_strategy="no"``); the loss is logged every step so

@@ -34,21 +34,10 @@ from wasabi import msg
 from ..errors import SFTError
 from ..llm.generation import stop_token_ids
 from ..llm.loader import MODEL_TEMPLATE_FILE, ModelSpec, clear_cache, load_lm
-from .hf_trainer import (
-    PRECISIONS,
-    REPORT_TO,
-    DevEvaluation,
-    EpochBatches,
-    JsonlLog,
-    MedLLMTrainer,
-    RunControl,
-    answer_weights,
-    check_processes,
-    quiet_progress,
-    training_arguments,
-    weighted_lm_loss,
-)
 from .sft_data import ChatRecord, apply_cutoff, collate, encode_chat, token_weight_vector
+
+PRECISIONS = ("no", "bf16", "fp16")
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
 
 METHODS = ("full", "lora", "qlora")
 # a run that the wall-clock cap stops before this share of max_steps fails instead of passing
@@ -364,6 +353,21 @@ def train_sft(
     """
     import torch
     from transformers.utils import logging as hf_logging
+
+    # imported here: the Trainer's import chain (peft, accelerate, datasets) costs seconds,
+    # and every spaCy command loads this module through the CLI entry point
+    from .hf_trainer import (
+        DevEvaluation,
+        EpochBatches,
+        JsonlLog,
+        MedLLMTrainer,
+        RunControl,
+        answer_weights,
+        check_processes,
+        quiet_progress,
+        training_arguments,
+        weighted_lm_loss,
+    )
 
     hf_logging.disable_progress_bar()  # per-save "Writing model shards" bars drown the log
     start_time = time.perf_counter()
