@@ -1,11 +1,15 @@
 """Fixtures several test modules share."""
+import json
 from pathlib import Path
 from typing import Optional
 
 import pytest
 import spacy
+from spacy.tokens import DocBin
 
 from spacy_medllm.llm.tiny import TinyModelConfig, init_tiny
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +34,27 @@ def tiny_model_dir(tmp_path_factory):
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def cmeee_docbin():
+    """``cmeee_docbin(path, n) -> records``: writes a DocBin of the first ``n`` records of the
+    CMeEE sample (gold spans in ``doc.spans["sc"]``; CMeEE's end_idx is inclusive) and returns
+    the records."""
+
+    def write(path: Path, n: int) -> list:
+        records = json.loads((ASSETS / "cmeee_train.json").read_text(encoding="utf8"))[:n]
+        nlp = spacy.blank("zh")
+        docs = []
+        for record in records:
+            doc = nlp.make_doc(record["text"])
+            doc.spans["sc"] = [doc.char_span(e["start_idx"], e["end_idx"] + 1, e["type"]) for e in record["entities"]]
+            assert all(doc.spans["sc"])
+            docs.append(doc)
+        DocBin(docs=docs).to_disk(path)
+        return records
+
+    return write
 
 
 @pytest.fixture(scope="module")

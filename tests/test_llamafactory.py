@@ -11,7 +11,6 @@ import pytest
 import spacy
 import srsly
 import torch
-from spacy.tokens import DocBin
 
 from spacy_medllm.cli.build_instructions import make_strategy
 from spacy_medllm.labels import get_scheme
@@ -49,20 +48,8 @@ def lf_qwen_prompt(system: str, user: str) -> str:
     return head + f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def gold_docbin(path: Path, n: int = 4) -> list:
-    records = json.loads((ROOT / "assets" / "cmeee_train.json").read_text(encoding="utf8"))[:n]
-    nlp = spacy.blank("zh")
-    docs = []
-    for record in records:
-        doc = nlp.make_doc(record["text"])
-        doc.spans["sc"] = [doc.char_span(e["start_idx"], e["end_idx"] + 1, e["type"]) for e in record["entities"]]
-        docs.append(doc)
-    DocBin(docs=docs).to_disk(path)
-    return records
-
-
-def test_llamafactory_reads_the_prompts_medllm_ner_sends(tmp_path):
-    records = gold_docbin(tmp_path / "train.spacy")
+def test_llamafactory_reads_the_prompts_medllm_ner_sends(tmp_path, cmeee_docbin):
+    records = cmeee_docbin(tmp_path / "train.spacy", 4)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "spacy", "medllm", "build-instructions", str(tmp_path / "train.spacy"), str(out),
            "--strategy", "symbol", "--scheme", "cmeee", "--no-progress"]

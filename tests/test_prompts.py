@@ -35,21 +35,6 @@ ALL = [SymbolStrategy(), MarkStrategy(), HtmlStrategy(), JsonStrategy(), IndexSt
 TEXT = "患者可高热39～40℃，神志大多清晰。"
 
 
-def cmeee_docbin(path: Path, n: int) -> list:
-    """A DocBin of the first ``n`` sample records (CMeEE end_idx is inclusive); returns
-    the records."""
-    records = json.loads((ROOT / "assets" / "cmeee_train.json").read_text(encoding="utf8"))[:n]
-    nlp = spacy.blank("zh")
-    docs = []
-    for record in records:
-        doc = nlp.make_doc(record["text"])
-        doc.spans["sc"] = [doc.char_span(e["start_idx"], e["end_idx"] + 1, e["type"]) for e in record["entities"]]
-        assert all(doc.spans["sc"])
-        docs.append(doc)
-    DocBin(docs=docs).to_disk(path)
-    return records
-
-
 # -- label schemes ---------------------------------------------------------------------------
 def test_builtin_schemes():
     cmeee = get_scheme("CMeEE")
@@ -197,7 +182,7 @@ def test_retriever_returns_nearest_demonstrations():
         TfidfRetriever().nearest("x", 1)
 
 
-def test_in_context_prompts(tmp_path):
+def test_in_context_prompts(tmp_path, cmeee_docbin):
     cfg = Config().from_str(
         '[s]\n@misc = "spacy_medllm.InContextStrategy.v1"\nk = 2\n'
         '[s.base]\n@misc = "spacy_medllm.SymbolStrategy.v1"\n'
@@ -217,7 +202,7 @@ def test_in_context_prompts(tmp_path):
 
 
 # -- build-instructions ----------------------------------------------------------------------
-def test_build_records_counts_and_skips(tmp_path):
+def test_build_records_counts_and_skips(tmp_path, cmeee_docbin):
     records = cmeee_docbin(tmp_path / "train.spacy", 12)
     docs = list(DocBin().from_disk(tmp_path / "train.spacy").get_docs(spacy.blank("zh").vocab))
     n_entities = sum(len({(e["type"], e["start_idx"], e["end_idx"]) for e in r["entities"]}) for r in records)
@@ -244,7 +229,7 @@ def test_build_records_counts_and_skips(tmp_path):
     assert set(STRATEGIES) == {"symbol", "json", "html", "index", "mark", "entity_category"}
 
 
-def test_build_instructions_cli(tmp_path):
+def test_build_instructions_cli(tmp_path, cmeee_docbin):
     records = cmeee_docbin(tmp_path / "train.spacy", 8)
     n_entities = sum(len(r["entities"]) for r in records)
     out = tmp_path / "out"
@@ -278,7 +263,7 @@ def test_build_instructions_cli(tmp_path):
     assert bad.returncode == 1 and "Unknown strategy" in bad.stdout
 
 
-def test_mentions_from_docbin_round_trip(tmp_path):
+def test_mentions_from_docbin_round_trip(tmp_path, cmeee_docbin):
     records = cmeee_docbin(tmp_path / "d.spacy", 5)
     docs = DocBin().from_disk(tmp_path / "d.spacy").get_docs(spacy.blank("zh").vocab)
     for doc, record in zip(docs, records):
