@@ -257,8 +257,7 @@ def train_classifier(
     encoded = [(*classifier.encode(r.text, r.start, r.end, r.label), int(r.is_correct)) for r in train]
     batches = EpochBatches([len(ids) for ids, _, _ in encoded], [False] * len(encoded), replace(config, negative_ratio=1.0),
                            args.world_size, args.process_index)
-    steps_per_epoch = math.ceil(len(batches) / config.grad_accum)
-    total_steps = config.max_steps if config.max_steps > 0 else config.epochs * steps_per_epoch
+    steps_per_epoch, total_steps = batches.step_budget()
     n_trainable = sum(p.numel() for p in classifier.trainable_parameters())
     msg.info(
         f"{classifier.settings.kind}/{classifier.settings.mode}: {n_trainable:,} trainable "

@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
@@ -88,6 +88,12 @@ class EpochBatches:
 
     def __len__(self) -> int:
         return self._len
+
+    def step_budget(self) -> Tuple[int, int]:
+        """(optimizer steps per epoch, steps of the whole run): ``max_steps`` when set, else
+        ``epochs`` epochs."""
+        per_epoch = math.ceil(self._len / self.config.grad_accum)
+        return per_epoch, self.config.max_steps if self.config.max_steps > 0 else self.config.epochs * per_epoch
 
     def __iter__(self):
         n, r = self.num_processes, self.process_index

@@ -19,7 +19,6 @@ Output layout (``output_dir``), spaCy-like::
                   scheduler, RNG, trainer_state.json), what ``resume_from`` needs
     log.jsonl     one line per ``log_every`` steps and per evaluation
 """
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -412,8 +411,7 @@ def train_sft(
     weights = token_weight_vector(tokenizer, dict(config.token_weights), vocab_size).to(args.device)
     batches = EpochBatches(lengths, [e.n_entities == 0 for e in encoded], config, args.world_size, args.process_index)
     output_dir.mkdir(parents=True, exist_ok=True)
-    steps_per_epoch = math.ceil(len(batches) / config.grad_accum)
-    total_steps = config.max_steps if config.max_steps > 0 else config.epochs * steps_per_epoch
+    steps_per_epoch, total_steps = batches.step_budget()
     if args.process_index == 0:
         srsly.write_json(
             output_dir / "training_meta.json",
