@@ -30,11 +30,13 @@ class MentionAligner:
 
     ``sources``: the generators whose mentions to align (None: all of them); ``search``: how
     offset-less mentions are placed (:func:`place_mention`); ``alignment_mode``: spaCy's
-    ``char_span`` mode; ``flat_policy``: how ``doc.ents`` is chosen (null leaves it alone).
+    ``char_span`` mode; ``flat_policy``: how ``doc.ents`` is chosen (null leaves it alone);
+    ``name``: what the log calls it.
     """
 
     def __init__(
         self,
+        name: str,
         *,
         sources: Optional[Sequence[str]],
         spans_key: str,
@@ -48,6 +50,7 @@ class MentionAligner:
             raise ValueError(f"alignment_mode={alignment_mode!r}: choose one of {ALIGNMENT_MODES}")
         if flat_policy is not None and flat_policy not in FLAT_POLICIES:
             raise ValueError(f"flat_policy={flat_policy!r}: choose one of {FLAT_POLICIES} or null")
+        self.name = name
         self.sources = list(sources) if sources is not None else None
         self.spans_key = spans_key
         self.search = search
@@ -61,7 +64,7 @@ class MentionAligner:
         missing = [s for s in (self.sources or []) if s not in by_source]
         if missing:
             self.stats["missing_source"] += len(missing)
-            logger.warning("no mentions from %s on a doc (is the generator before the aligner?)", missing)
+            logger.warning("%s: no mentions from %s on a doc (is the generator before me?)", self.name, missing)
         chosen: Dict[Tuple[int, int, str], Tuple[Span, float]] = {}
         for source, mentions in by_source.items():
             if self.sources is not None and source not in self.sources:

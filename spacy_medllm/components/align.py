@@ -67,9 +67,8 @@ class MedLLMAlign(MentionAligner):
         scorer: Optional[Callable],
     ) -> None:
         super().__init__(
-            sources=sources, spans_key=spans_key, search=search, alignment_mode=alignment_mode, flat_policy=flat_policy
+            name, sources=sources, spans_key=spans_key, search=search, alignment_mode=alignment_mode, flat_policy=flat_policy
         )
-        self.name = name
         self.scorer = scorer
 
     def __call__(self, doc: Doc) -> Doc:

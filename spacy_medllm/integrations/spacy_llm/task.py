@@ -103,6 +103,7 @@ def make_ner_task(
     ``spacy_medllm.Recognizer.v1`` block, its defaults when left out). v2: the decoding
     settings moved into that block."""
     aligner = MentionAligner(
+        SOURCE,
         sources=None, spans_key=spans_key, search=search, alignment_mode=alignment_mode, flat_policy=flat_policy
     )
     return MedLLMNERTask(
